@@ -1,0 +1,66 @@
+"""Synthetic rollout batches with every optional field filled: for tests, `creditlab demo` and `creditlab speed`.
+
+The batches are deliberately awkward: ragged groups (sizes 1..max_group), group ids that are large,
+non-contiguous and shuffled, responses of random length including all-padding rows, and optionally binary
+rewards (so zero-variance groups occur).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from creditlab.batch import RolloutBatch
+
+
+def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: int = 8, seed: int = 0,
+                 binary_rewards: bool = True, min_group: int = 1, empty_row_prob: float = 0.1,
+                 max_steps: int = 4, shuffle: bool = True) -> RolloutBatch:
+    """A random valid `RolloutBatch` of `n_groups` groups with every optional field set.
+
+    Response tokens are drawn from a small `vocab` so that responses of one group share prefixes (prefix-tree
+    estimators need that). Steps: each response is cut into up to `max_steps` contiguous steps.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(min_group, max_group + 1, (n_groups,), generator=g)
+    gid_values = torch.randperm(10 * n_groups + 7, generator=g)[:n_groups] * 3 + 11  # non-contiguous ids
+    group_ids = torch.repeat_interleave(gid_values, sizes)
+    B = int(sizes.sum())
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths = torch.where(torch.rand(B, generator=g) < empty_row_prob, torch.zeros_like(lengths), lengths)
+    pos = torch.arange(T)[None, :]
+    mask = pos < lengths[:, None]  # [B,T]
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    ids = torch.where(mask, ids, torch.zeros_like(ids))
+    if binary_rewards:
+        rewards = torch.randint(0, 2, (B,), generator=g).float()
+    else:
+        rewards = torch.randn(B, generator=g)
+    logprobs = torch.where(mask, -torch.rand(B, T, generator=g) * 3, torch.zeros(B, T))
+    ref_logprobs = torch.where(mask, logprobs + 0.1 * torch.randn(B, T, generator=g), torch.zeros(B, T))
+    entropies = torch.where(mask, torch.rand(B, T, generator=g) * 2, torch.zeros(B, T))
+    certainty = torch.where(mask, torch.rand(B, T, generator=g) * 5, torch.zeros(B, T))
+    token_logits = torch.where(mask, torch.randn(B, T, generator=g) * 3 + 10, torch.zeros(B, T))
+    values = torch.where(mask, torch.rand(B, T, generator=g), torch.zeros(B, T))
+    last = (lengths - 1).clamp_min(0)
+    token_rewards = torch.zeros(B, T).scatter(1, last[:, None], rewards[:, None]) * mask
+    # steps: random cut points inside each response
+    cuts = torch.rand(B, T, generator=g) < (max_steps - 1) / max(T, 1)
+    step_ids = torch.cumsum(cuts.long(), dim=1) - cuts[:, :1].long()
+    step_ids = torch.where(mask, step_ids.clamp_max(max_steps - 1), torch.full_like(step_ids, -1))
+    S = max_steps
+    step_rewards = torch.rand(B, S, generator=g) * 2 - 1
+    step_labels = torch.randint(0, 2, (B, S), generator=g)
+    n_steps = (step_ids.max(dim=1).values + 1)  # [B]
+    step_labels = torch.where(torch.arange(S)[None, :] < n_steps[:, None], step_labels, -1)
+    mc_values = torch.rand(B, S, generator=g)
+    strata = torch.randint(0, 3, (B,), generator=g)
+    batch = RolloutBatch(
+        response_ids=ids, response_mask=mask, group_ids=group_ids, rewards=rewards,
+        logprobs=logprobs, ref_logprobs=ref_logprobs, entropies=entropies, certainty=certainty,
+        token_logits=token_logits, values=values, token_rewards=token_rewards, step_ids=step_ids,
+        step_rewards=step_rewards, step_labels=step_labels, mc_values=mc_values, strata=strata,
+        texts=[" ".join(str(int(t)) for t in ids[b, : int(lengths[b])]) for b in range(B)],
+    )
+    if shuffle:
+        batch = batch.select(torch.randperm(B, generator=g))
+    return batch.validate()
