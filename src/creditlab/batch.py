@@ -70,6 +70,10 @@ FIELDS: dict[str, FieldSpec] = {
                              "a task with oracle step labels (arith_chain)"),
     "mc_values": FieldSpec(("B", "S"), "float", "Monte-Carlo value estimate at each segment boundary",
                            "creditlab.signals.mc (continuations from prefixes)"),
+    "planning_mask": FieldSpec(("B", "T"), "bool", "True on planning tokens (inside a strategic gram)",
+                               "creditlab.signals.strategic (strategic-gram detector)"),
+    "prm_logprobs": FieldSpec(("B", "T"), "float", "log-prob of each sampled token under an implicit PRM",
+                              "creditlab.signals.implicit (PRIME / OPRL implicit PRM)"),
     "attn_fai": FieldSpec(("B", "T"), "float", "future attention influence per response token",
                           "creditlab.signals.attention"),
     "attn_waad": FieldSpec(("B", "T"), "float", "windowed average attention distance per response token",
@@ -114,6 +118,8 @@ class RolloutBatch:
     step_rewards: Tensor | None = None
     step_labels: Tensor | None = None
     mc_values: Tensor | None = None
+    planning_mask: Tensor | None = None
+    prm_logprobs: Tensor | None = None
     attn_fai: Tensor | None = None
     attn_waad: Tensor | None = None
     turn_ids: Tensor | None = None

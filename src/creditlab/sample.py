@@ -54,11 +54,14 @@ def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: i
     step_labels = torch.where(torch.arange(S)[None, :] < n_steps[:, None], step_labels, -1)
     mc_values = torch.rand(B, S, generator=g)
     strata = torch.randint(0, 3, (B,), generator=g)
+    planning_mask = mask & (torch.rand(B, T, generator=g) < 0.25)
+    prm_logprobs = torch.where(mask, logprobs + 0.2 * torch.randn(B, T, generator=g), torch.zeros(B, T))
     batch = RolloutBatch(
         response_ids=ids, response_mask=mask, group_ids=group_ids, rewards=rewards,
         logprobs=logprobs, ref_logprobs=ref_logprobs, entropies=entropies, certainty=certainty,
         token_logits=token_logits, values=values, token_rewards=token_rewards, step_ids=step_ids,
         step_rewards=step_rewards, step_labels=step_labels, mc_values=mc_values, strata=strata,
+        planning_mask=planning_mask, prm_logprobs=prm_logprobs,
         texts=[" ".join(str(int(t)) for t in ids[b, : int(lengths[b])]) for b in range(B)],
     )
     if shuffle:

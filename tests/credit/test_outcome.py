@@ -1,7 +1,6 @@
 """Outcome-level estimators: hand-computed cases (methods.md §3), slow loop references over many random
 ragged batches, and the degenerate-group policy."""
 
-import math
 
 import pytest
 import torch
@@ -97,82 +96,7 @@ def test_degenerate_groups_policy():
 
 
 # ---------------------------------------------------------------- slow loop references
-def _groups(batch):
-    out: dict[int, list[int]] = {}
-    for i, g in enumerate(batch.group_ids.tolist()):
-        out.setdefault(g, []).append(i)
-    return out
-
-
-def loop_grpo(batch, eps=1e-6, scale=True, singleton="zero"):
-    a = [0.0] * batch.B
-    R = batch.rewards.double().tolist()
-    for rows in _groups(batch).values():
-        vals = [R[i] for i in rows]
-        n = len(vals)
-        mu = sum(vals) / n
-        sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
-        for i in rows:
-            if n == 1:
-                a[i] = R[i] if singleton == "raw" else 0.0
-            elif max(vals) == min(vals):
-                a[i] = 0.0
-            else:
-                a[i] = (R[i] - mu) / (sd + eps) if scale else R[i] - mu
-    return a
-
-
-def loop_rloo(batch, singleton="zero"):
-    a = [0.0] * batch.B
-    R = batch.rewards.double().tolist()
-    for rows in _groups(batch).values():
-        for i in rows:
-            others = [R[j] for j in rows if j != i]
-            if not others:
-                a[i] = R[i] if singleton == "raw" else 0.0
-            else:
-                a[i] = R[i] - sum(others) / len(others)
-    return a
-
-
-def to_tokens(a, batch):
-    out = torch.zeros(batch.response_ids.shape, dtype=torch.float64)
-    for b in range(batch.B):
-        for t in range(batch.T):
-            if batch.response_mask[b, t]:
-                out[b, t] = a[b]
-    return out
-
-
-def loop_gae(batch, gamma, lam):
-    B, T = batch.response_ids.shape
-    adv = torch.zeros(B, T, dtype=torch.float64)
-    ret = torch.zeros(B, T, dtype=torch.float64)
-    r, V, m = batch.token_rewards.double(), batch.values.double(), batch.response_mask
-    for b in range(B):
-        next_v, g_next = 0.0, 0.0
-        for t in reversed(range(T)):
-            if not m[b, t]:
-                continue
-            delta = float(r[b, t]) + gamma * next_v - float(V[b, t])
-            g = delta + gamma * lam * g_next
-            adv[b, t], ret[b, t] = g, g + float(V[b, t])
-            next_v, g_next = float(V[b, t]), g
-    return adv, ret
-
-
-def loop_whiten(x, mask):
-    vals = [float(x[b, t]) for b in range(x.shape[0]) for t in range(x.shape[1]) if mask[b, t]]
-    n = len(vals)
-    mu = sum(vals) / n if n else 0.0
-    var = sum((v - mu) ** 2 for v in vals) / (n - 1) if n > 1 else 0.0
-    out = torch.zeros_like(x, dtype=torch.float64)
-    for b in range(x.shape[0]):
-        for t in range(x.shape[1]):
-            if mask[b, t]:
-                out[b, t] = (float(x[b, t]) - mu) / math.sqrt(var + 1e-8)
-    return out
-
+from creditlab.credit.loops.outcome import loop_gae, loop_grpo, loop_rloo, loop_whiten, to_tokens  # noqa: E402
 
 SEEDS = range(60)
 

@@ -49,6 +49,8 @@ def _pad(batch, extra, junk_seed):
         v = torch.cat([v, torch.zeros(B, extra, dtype=v.dtype)], 1)
         if name in ("step_ids", "turn_ids"):
             junk = torch.full_like(v, -1)
+        elif v.dtype == torch.bool:
+            junk = torch.rand(v.shape, generator=g) < 0.5
         elif v.dtype == torch.long:
             junk = torch.randint(0, 50, v.shape, generator=g)
         else:

@@ -1,6 +1,6 @@
 """Credit estimators. Importing this package registers every built-in estimator.
 
-One module per family (see design/ARCHITECTURE.md): outcome.py holds the sequence-level baselines and GAE.
+One module per family (see design/ARCHITECTURE.md).
 """
 
-from creditlab.credit import outcome  # noqa: F401  (registers grpo, dr_grpo, rloo, reinforce_pp, gae)
+from creditlab.credit import agent, outcome, planning, process, tree  # noqa: F401  (registration)

@@ -1,0 +1,1 @@
+"""Agent / structure-aware group estimators: stratified (and later gigpo, igpo)."""

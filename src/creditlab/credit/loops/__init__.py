@@ -1,0 +1,12 @@
+"""Slow loop references, one module per estimator family, merged into `LOOPS` (name -> fn(batch, **kw) -> [B,T]).
+
+Tests check every vectorized estimator against these; `creditlab speed` times both in one process.
+"""
+
+from collections.abc import Callable
+
+from creditlab.credit.loops import agent, outcome, planning, process, tree
+
+LOOPS: dict[str, Callable] = {}
+for _module in (outcome, tree, planning, agent, process):
+    LOOPS.update(_module.LOOPS)

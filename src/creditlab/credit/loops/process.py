@@ -1,0 +1,3 @@
+"""Slow loop references for credit/process.py (see credit/loops/__init__.py)."""
+
+LOOPS: dict = {}

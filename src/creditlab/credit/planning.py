@@ -1,0 +1,1 @@
+"""Token-selective shaping: hicra, ktae, ucas."""

@@ -1,0 +1,1 @@
+"""Process-reward credit: sum_form, pure, capo, prime, oprl, tp_grpo."""

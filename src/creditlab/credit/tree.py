@@ -1,0 +1,1 @@
+"""Prefix-tree estimators over a group's responses: tempo, treepo."""
