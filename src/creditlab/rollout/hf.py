@@ -1,0 +1,219 @@
+"""Batched, KV-cached sampling with a Hugging Face causal LM, scoring of responses, continuation from prefixes.
+
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=40)
+    batch = generate(policy, [policy.format_prompt(q) for q in questions], n=4, cfg=cfg, seed=step)
+    logp, ent = sequence_logprobs(policy.model, batch.prompt_ids, batch.prompt_mask,
+                                  batch.response_ids, batch.response_mask, temperature=cfg.temperature)
+    conts = continue_from(policy, prefixes, n=8, cfg=cfg, seed=step)   # Monte-Carlo values from prefixes
+
+Which distribution the numbers refer to (one convention, used by all three functions):
+- `logprobs` and `entropies` are those of the *sampling* distribution softmax(z / temperature) before top-p
+  truncation (as in verl and TRL); temperature 0 means greedy decoding and scores under temperature 1. The
+  trainer recomputes old/ref/current log-probs with `sequence_logprobs(..., temperature=cfg.temperature)` in
+  fp32, which matches the rollout's `logprobs` to ~1e-5 when sampling ran in fp32. Under `bf16=True` the
+  rollout values are bf16-noisy: use them as signals, never as PPO's old log-probs.
+- `certainty` (logsumexp(z) - mean(z)) and `token_logits` (z of the sampled token) use the raw logits z.
+
+The sampling loop is hand-written rather than `model.generate`: it needs the full next-token distribution at
+every step for the signals, a private `torch.Generator` (determinism without touching the global RNG), and the
+same code serves prompts and arbitrary prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from creditlab.batch import RolloutBatch
+from creditlab.policy import Policy
+from creditlab.signals.entropy import self_certainty, token_entropy
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled."""
+
+    temperature: float = 1.0  # softmax temperature; 0 means greedy (argmax) decoding
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with probability >= top_p
+    max_new_tokens: int = 64  # response length cap (tokens, EOS included)
+    bf16: bool = False  # sample under bf16 autocast (faster on CPU); master weights stay fp32
+
+
+@dataclass
+class Sampled:
+    """Output of `sample_tokens`: B rows, T = number of decoding steps taken (<= max_new_tokens)."""
+
+    tokens: Tensor  # [B, T] long, pad id after the first stop token
+    mask: Tensor  # [B, T] bool, True through the first stop token inclusive
+    logprobs: Tensor  # [B, T] float, 0 outside mask
+    entropies: Tensor  # [B, T] float, 0 outside mask
+    certainty: Tensor  # [B, T] float, 0 outside mask
+    token_logits: Tensor  # [B, T] float, 0 outside mask
+
+
+def scoring_temperature(temperature: float) -> float:
+    """The temperature log-probs and entropies refer to: the sampling one, or 1 for greedy (0)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    return temperature if temperature > 0 else 1.0
+
+
+def generate(policy: Policy, prompts: list[str], n: int, cfg: SamplingConfig, *, seed: int,
+             group_offset: int = 0) -> RolloutBatch:
+    """Sample `n` responses to each already-formatted prompt; rows are prompt-major (prompt i -> rows i*n..).
+
+    Returns a `RolloutBatch` with prompt_ids/prompt_mask (left-padded), response_ids/response_mask (through the
+    first EOS inclusive), group_ids = group_offset + prompt index, rewards = 0 (the trainer fills them),
+    texts (decoded without special tokens) and the per-token signals logprobs, entropies, certainty and
+    token_logits of the sampling policy (see the module docstring for their temperature).
+    Deterministic given `seed` on CPU.
+    """
+    if n < 1 or not prompts:
+        raise ValueError(f"generate needs at least one prompt and n >= 1, got {len(prompts)} prompts, n={n}")
+    device = policy.model.device
+    prompt_ids, prompt_mask = policy.encode_prompts(prompts)  # [G, P]
+    prompt_ids = prompt_ids.repeat_interleave(n, dim=0).to(device)  # [B, P]
+    prompt_mask = prompt_mask.repeat_interleave(n, dim=0).to(device)  # [B, P]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = sample_tokens(policy.model, prompt_ids, prompt_mask, cfg, generator=generator,
+                        stop_ids=policy.stop_ids, pad_id=policy.tokenizer.pad_token_id)
+    texts = [policy.tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+             for row, m in zip(out.tokens, out.mask)]
+    group_ids = group_offset + torch.arange(len(prompts), device=device).repeat_interleave(n)  # [B]
+    return RolloutBatch(
+        response_ids=out.tokens, response_mask=out.mask, group_ids=group_ids,
+        rewards=torch.zeros(len(texts), device=device), prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+        logprobs=out.logprobs, entropies=out.entropies, certainty=out.certainty, token_logits=out.token_logits,
+        texts=texts, meta={"sampling": asdict(cfg), "seed": seed, "policy": policy.name})
+
+
+def continue_from(policy: Policy, prefixes: list[list[int]], n: int, cfg: SamplingConfig, *, seed: int,
+                  max_rows: int | None = None) -> list[list[list[int]]]:
+    """Sample `n` continuations of each token-id prefix (prompt + partial response, no padding).
+
+    Returns `out[i][j]`: the token ids of continuation j of prefix i, up to and including the first stop token
+    (or `cfg.max_new_tokens` ids). Prefixes are left-padded into one batch; `max_rows` splits the len(prefixes)*n
+    rows into chunks (whole prefixes per chunk) to bound memory. Deterministic given `seed` and `max_rows`.
+    """
+    if n < 1 or any(len(p) == 0 for p in prefixes):
+        raise ValueError("continue_from needs n >= 1 and non-empty prefixes")
+    per_chunk = max(1, (max_rows or n * max(len(prefixes), 1)) // n)  # prefixes per chunk
+    generator = torch.Generator(device=policy.model.device).manual_seed(seed)
+    out: list[list[list[int]]] = []
+    for start in range(0, len(prefixes), per_chunk):
+        chunk = prefixes[start:start + per_chunk]
+        ids, mask = _left_pad(chunk, policy.tokenizer.pad_token_id, policy.model.device)  # [b, L]
+        res = sample_tokens(policy.model, ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), cfg,
+                            generator=generator, stop_ids=policy.stop_ids, pad_id=policy.tokenizer.pad_token_id)
+        rows = [t[m].tolist() for t, m in zip(res.tokens, res.mask)]
+        out.extend(rows[i * n:(i + 1) * n] for i in range(len(chunk)))
+    return out
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Ragged id lists -> left-padded (ids [b, L] long, mask [b, L] bool)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = True
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample_tokens(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, cfg: SamplingConfig, *,
+                  generator: torch.Generator, stop_ids: list[int], pad_id: int) -> Sampled:
+    """KV-cached autoregressive sampling from left-padded inputs [B, L]; stops early once every row has stopped.
+
+    The model runs in eval mode (restored afterwards) and under bf16 autocast when `cfg.bf16`.
+    """
+    was_training = model.training
+    model.eval()
+    B = input_ids.shape[0]
+    stops = torch.tensor(stop_ids, device=input_ids.device)
+    alive = torch.ones(B, dtype=torch.bool, device=input_ids.device)  # [B] not yet past a stop token
+    mask = attention_mask.long()  # [B, L]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L] left padding does not shift positions
+    cols: list[tuple[Tensor, ...]] = []
+    try:
+        with torch.autocast(device_type=input_ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1)
+            for _ in range(cfg.max_new_tokens):
+                token, stats = _sample_step(out.logits[:, -1].float(), cfg, generator)  # [B], 4 x [B]
+                token = torch.where(alive, token, torch.full_like(token, pad_id))
+                cols.append((token, alive.clone(), *stats))
+                alive &= ~torch.isin(token, stops)
+                if not bool(alive.any()):
+                    break
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # [B, L + t + 1]
+                positions = positions[:, -1:] + 1  # [B, 1]
+                out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                            past_key_values=out.past_key_values, use_cache=True)
+    finally:
+        model.train(was_training)
+    return _stack(cols, B, input_ids.device)
+
+
+def _sample_step(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
+    """One decoding step from raw logits [B, V] fp32 -> (token [B], [logprob, entropy, certainty, logit] [B])."""
+    scaled = logits / scoring_temperature(cfg.temperature)  # [B, V]
+    logp_all = torch.log_softmax(scaled, dim=-1)  # [B, V]
+    if cfg.temperature == 0:
+        token = logits.argmax(dim=-1)  # [B]
+    else:
+        probs = logp_all.exp()
+        if cfg.top_p < 1.0:
+            probs = _top_p_filter(probs, cfg.top_p)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+    pick = token[:, None]
+    stats = [logp_all.gather(-1, pick).squeeze(-1), token_entropy(scaled), self_certainty(logits),
+             logits.gather(-1, pick).squeeze(-1)]
+    return token, stats
+
+
+def _top_p_filter(probs: Tensor, top_p: float) -> Tensor:
+    """Zero all but the smallest top-probability set whose mass reaches `top_p` (the top token always stays)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # [B, V]
+    drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p  # mass before this token already enough
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+
+
+def _stack(cols: list[tuple[Tensor, ...]], B: int, device: torch.device) -> Sampled:
+    """Per-step columns -> [B, T] tensors with every signal zeroed outside the mask."""
+    if not cols:
+        empty = torch.zeros(B, 0, device=device)
+        return Sampled(empty.long(), empty.bool(), empty, empty, empty, empty)
+    token, alive, *stats = (torch.stack(c, dim=1) for c in zip(*cols))  # each [B, T]
+    return Sampled(token, alive, *(s.masked_fill(~alive, 0.0) for s in stats))
+
+
+def sequence_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                      response_mask: Tensor, *, temperature: float = 1.0,
+                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs [B, T] of the response tokens (and entropies [B, T] if asked) in one forward pass.
+
+    Scores softmax(z / temperature) (temperature 0 scores at 1, as `generate` does); differentiable when called
+    with grad enabled; exactly 0 outside `response_mask`. Every response position is attended (padding after
+    EOS only follows valid tokens, so causality keeps it out), which also keeps masked observation tokens of
+    multi-turn rows visible. Only the T needed logits rows are computed; the log-prob is
+    z[token] - logsumexp(z), avoiding a [B, T, V] log_softmax copy.
+    """
+    T = response_ids.shape[1]
+    ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P + T]
+    mask = torch.cat([prompt_mask.long(), torch.ones_like(response_ids)], dim=1)  # [B, P + T]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=T + 1).logits[:, :-1].float()  # [B, T, V] predicts response token t
+    tau = scoring_temperature(temperature)
+    if tau != 1.0:
+        logits = logits / tau
+    logp = logits.gather(-1, response_ids[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [B, T]
+    logp = logp.masked_fill(~response_mask, 0.0)
+    entropy = token_entropy(logits).masked_fill(~response_mask, 0.0) if with_entropy else None
+    return logp, entropy

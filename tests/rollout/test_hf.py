@@ -1,0 +1,150 @@
+"""Rollout with the tiny policy: shapes, EOS masking, determinism, signal consistency, continuation."""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from creditlab.policy import Policy, load_policy
+from creditlab.rollout.hf import (
+    SamplingConfig,
+    _top_p_filter,
+    continue_from,
+    generate,
+    sequence_logprobs,
+)
+
+QUESTIONS = ["1+2=", "hello world", "x"]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Policy:
+    return load_policy("tiny", seed=0)
+
+
+@pytest.fixture()
+def eos_prone(tiny):
+    """The tiny policy with +3 on the EOS logit (p(EOS) ≈ 17 %), so that rows end at different lengths."""
+    bias = torch.zeros(len(tiny.tokenizer))
+    bias[tiny.tokenizer.eos_token_id] = 3.0
+    handle = tiny.model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    yield tiny
+    handle.remove()
+
+
+def _prompts(policy: Policy) -> list[str]:
+    return [policy.format_prompt(q) for q in QUESTIONS]
+
+
+def test_generate_shapes_groups_and_eos_masking(eos_prone):
+    p, n, cfg = eos_prone, 4, SamplingConfig(max_new_tokens=24)
+    batch = generate(p, _prompts(p), n, cfg, seed=0, group_offset=10).validate()
+    B, T = batch.response_ids.shape
+    assert B == len(QUESTIONS) * n and T <= cfg.max_new_tokens
+    assert batch.group_ids.tolist() == [10 + i for i in range(len(QUESTIONS)) for _ in range(n)]
+    assert torch.equal(batch.rewards, torch.zeros(B))
+    ids, mask = p.encode_prompts(_prompts(p))
+    assert torch.equal(batch.prompt_ids, ids.repeat_interleave(n, 0))
+    assert torch.equal(batch.prompt_mask, mask.repeat_interleave(n, 0))
+    eos, pad = p.tokenizer.eos_token_id, p.tokenizer.pad_token_id
+    lengths = batch.response_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1, "the EOS-prone policy should give ragged lengths"
+    for row, m, length, text in zip(batch.response_ids, batch.response_mask, lengths.tolist(), batch.texts):
+        assert m[:length].all() and not m[length:].any()  # a prefix mask
+        valid = row[:length].tolist()
+        assert eos not in valid[:-1]  # nothing after the first EOS is in the response
+        assert valid[-1] == eos or length == cfg.max_new_tokens
+        assert (row[length:] == pad).all()
+        assert text == p.tokenizer.decode(valid, skip_special_tokens=True) and "<eos>" not in text
+    for name in ("logprobs", "entropies", "certainty", "token_logits"):
+        values = getattr(batch, name)
+        assert values.dtype == torch.float32 and (values[~batch.response_mask] == 0).all(), name
+    V = len(p.tokenizer)
+    assert (batch.entropies >= 0).all() and (batch.entropies <= math.log(V) + 1e-4).all()
+    assert (batch.certainty[batch.response_mask] >= math.log(V) - 1e-4).all()
+    assert (batch.logprobs <= 0).all()
+
+
+def test_generate_is_deterministic_given_seed_and_keeps_global_rng(tiny):
+    cfg = SamplingConfig(max_new_tokens=16)
+    state = torch.random.get_rng_state()
+    a = generate(tiny, _prompts(tiny), 2, cfg, seed=5)
+    b = generate(tiny, _prompts(tiny), 2, cfg, seed=5)
+    c = generate(tiny, _prompts(tiny), 2, cfg, seed=6)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_rollout_logprobs_match_a_recomputed_forward(eos_prone, temperature, top_p):
+    cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=20)
+    batch = generate(eos_prone, _prompts(eos_prone), 3, cfg, seed=1)
+    with torch.no_grad():
+        logp, ent = sequence_logprobs(eos_prone.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                      batch.response_mask, temperature=temperature, with_entropy=True)
+    assert torch.allclose(logp, batch.logprobs, atol=1e-4, rtol=0)
+    assert torch.allclose(ent, batch.entropies, atol=1e-4, rtol=0)
+
+
+def test_sequence_logprobs_gradient_masking_and_padding_invariance(tiny):
+    batch = generate(tiny, _prompts(tiny), 2, SamplingConfig(max_new_tokens=12), seed=2)
+    mask = batch.response_mask.clone()
+    mask[0, 6:] = False  # a shorter row: positions past it must be exactly 0
+    logp, ent = sequence_logprobs(tiny.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask)
+    assert ent is None and (logp[~mask] == 0).all()
+    logp.sum().backward()
+    grads = [q.grad for q in tiny.model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    tiny.model.zero_grad(set_to_none=True)
+    extra = 3  # more left padding changes nothing
+    pad_ids = torch.full((batch.B, extra), tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        padded, _ = sequence_logprobs(tiny.model, torch.cat([pad_ids, batch.prompt_ids], 1),
+                                      torch.cat([torch.zeros_like(pad_ids, dtype=torch.bool), batch.prompt_mask], 1),
+                                      batch.response_ids, mask)
+    assert torch.allclose(padded, logp.detach(), atol=1e-5)
+
+
+def test_bf16_sampling_gives_a_valid_batch(tiny):
+    batch = generate(tiny, _prompts(tiny), 2, SamplingConfig(max_new_tokens=8, bf16=True), seed=0).validate()
+    assert batch.logprobs.dtype == torch.float32 and tiny.model.dtype == torch.float32
+    assert (batch.entropies >= -1e-3).all()
+
+
+def test_continue_from_reproduces_a_greedy_response(tiny):
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=16)
+    batch = generate(tiny, [tiny.format_prompt("hello")], 1, greedy, seed=0)
+    prompt = batch.prompt_ids[0][batch.prompt_mask[0]].tolist()
+    response = batch.response_ids[0][batch.response_mask[0]].tolist()
+    assert len(response) > 5
+    for k in (0, 5):
+        conts = continue_from(tiny, [prompt + response[:k]], 2, greedy, seed=0)
+        assert len(conts) == 1 and len(conts[0]) == 2
+        assert conts[0][0][:len(response) - k] == response[k:]  # starts where the prefix ends
+        assert conts[0][0] == conts[0][1]  # greedy: every continuation is the same
+
+
+def test_continue_from_ragged_prefixes_and_eos(eos_prone):
+    p, cfg = eos_prone, SamplingConfig(max_new_tokens=10)
+    prefixes = [p.tokenizer("ab\n")["input_ids"], p.tokenizer("a longer prefix\nxy")["input_ids"]]
+    conts = continue_from(p, prefixes, 3, cfg, seed=4)
+    assert [len(c) for c in conts] == [3, 3]
+    eos = p.tokenizer.eos_token_id
+    for cont in (c for per_prefix in conts for c in per_prefix):
+        assert 1 <= len(cont) <= cfg.max_new_tokens and eos not in cont[:-1]
+        assert cont[-1] == eos or len(cont) == cfg.max_new_tokens
+    assert conts == continue_from(p, prefixes, 3, cfg, seed=4)
+    chunked = continue_from(p, prefixes, 3, cfg, seed=4, max_rows=3)  # one prefix per chunk
+    assert [len(c) for c in chunked] == [3, 3]
+
+
+def test_top_p_keeps_the_smallest_covering_set():
+    probs = torch.tensor([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0]])
+    assert torch.equal(_top_p_filter(probs, 0.6), torch.tensor([[0.0, 0.5, 0.3], [1.0, 0.0, 0.0]]))
+    assert torch.equal(_top_p_filter(probs, 0.01), torch.tensor([[0.0, 0.5, 0.0], [1.0, 0.0, 0.0]]))
