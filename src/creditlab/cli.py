@@ -1,4 +1,4 @@
-"""`creditlab` command line. Subcommands: list, demo."""
+"""`creditlab` command line. Subcommands: list, train, sft, demo, speed, inspect."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ from collections.abc import Sequence
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from creditlab.batch import fields_table
+    from creditlab.policy import list_policies
     from creditlab.registry import get_spec, list_estimators
+    from creditlab.tasks import list_tasks
 
     if args.fields:
         print(fields_table())
         return 0
+    print("tasks:\n  " + "\n  ".join(list_tasks()))
+    print("policies:\n  " + "\n  ".join(list_policies()) + "\n  <any local Hugging Face model directory>")
     print("estimators:")
     for name in list_estimators():
         spec = get_spec(name)
@@ -45,8 +49,34 @@ def estimator_table(seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from creditlab.train.config import train_config_from_args
+    from creditlab.train.loop import train
+
+    summary = train(train_config_from_args(args))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    import json
+
+    from creditlab.train.config import SFTConfig, dataclass_from_args
+    from creditlab.train.sft import sft
+
+    print(json.dumps(sft(dataclass_from_args(SFTConfig, args)), indent=2))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print(estimator_table(seed=args.seed))
+    print(estimator_table(seed=args.seed), flush=True)
+    if args.table_only:
+        return 0
+    from creditlab.demo import run_demo
+
+    run_demo(out_root=args.out_root, seed=args.seed, other=args.other_estimator)
     return 0
 
 
@@ -56,15 +86,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registered estimators")
     p.add_argument("--fields", action="store_true", help="list the RolloutBatch fields instead")
     p.set_defaults(func=_cmd_list)
-    p = sub.add_parser("demo", help="run every estimator on a sample batch and print a table")
+    from creditlab.train.config import SFTConfig, add_dataclass_args, add_train_args
+
+    p = sub.add_parser("train", help="RL-train a policy on a task with any registered estimator")
+    add_train_args(p)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("sft", help="supervised warm-start on task demonstrations")
+    add_dataclass_args(p, SFTConfig)
+    p.set_defaults(func=_cmd_sft)
+    p = sub.add_parser("demo", help="estimator table on a sample batch, then warm-start tiny and train it twice")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--table-only", action="store_true", help="only print the estimator table")
+    p.add_argument("--out-root", default="runs/demo", help="where the demo's run directories go")
+    p.add_argument("--other-estimator", default="tempo", help="estimator trained next to grpo")
     p.set_defaults(func=_cmd_demo)
+    from creditlab.bench.speed import add_speed_args, run_speed
+    from creditlab.viz.inspect import add_inspect_args, run_inspect
+
+    p = sub.add_parser("speed", help="time every estimator against its loop reference and a training step")
+    add_speed_args(p)
+    p.set_defaults(func=run_speed)
+    p = sub.add_parser("inspect", help="HTML page of a run's sampled responses coloured by per-token advantage")
+    add_inspect_args(p)
+    p.set_defaults(func=run_inspect)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (KeyError, ValueError, FileExistsError, FileNotFoundError) as e:  # user errors: one clear line
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"creditlab {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def _scores_by_distinct_table(g_p: Tensor, a: Tensor, b: Tensor, n_c: Tensor, n_
     return fisher[inv], ig[inv], h[inv]
 
 
-@estimator("ktae")
+@estimator("ktae", needs=("response_ids",))
 def ktae(batch: RolloutBatch, *, alpha: float = 1.0, beta: float = 1.0, gamma_tf: float = 1.0, top: float = 1.0,
          k1: float = 2.0, b: float = 0.5, tf_eps: float = 1e-5, correct_threshold: float = 0.0,
          ignore_token_ids: tuple[int, ...] = (), eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:

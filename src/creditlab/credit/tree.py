@@ -108,7 +108,7 @@ def _uncompact(values: Tensor, order: Tensor, cmask: Tensor) -> Tensor:
     return torch.zeros_like(values).scatter(1, order, values)
 
 
-@estimator("tempo")
+@estimator("tempo", needs=("response_ids",))
 def tempo(batch: RolloutBatch, *, td_coef: float = 1.0, gate_root: bool = False, eps: float = 1e-6,
           unbiased: bool = True, singleton: Singleton = "zero") -> Credit:
     """TEMPO: GRPO advantage plus a branch-gated TD correction read off the group's prefix trie (P2T).
@@ -155,7 +155,7 @@ def tempo(batch: RolloutBatch, *, td_coef: float = 1.0, gate_root: bool = False,
     return Credit(advantages=adv, metrics=advantage_metrics(adv, batch.response_mask, branch_token_frac=frac))
 
 
-@estimator("treepo")
+@estimator("treepo", needs=("response_ids",))
 def treepo(batch: RolloutBatch, *, segment_len: int = 512, max_depth: int | None = None,
            weight: Weight = "average", remove_no_std_subgroup: bool = False, whiten: bool = True,
            singleton: Singleton = "zero") -> Credit:

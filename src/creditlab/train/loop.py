@@ -1,0 +1,294 @@
+"""The RL trainer: sample G responses per prompt -> score -> signals -> estimator -> PPO-clip -> eval.
+
+Seeded and deterministic on CPU: every step derives its own seeds from (run seed, step), so a resumed run
+replays exactly what an uninterrupted run would have done. Checkpoints are written atomically (a complete
+directory first, then a one-line `latest` pointer replaced with os.replace), so a SIGKILL at any moment
+leaves the previous checkpoint readable.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from creditlab.batch import RolloutBatch
+from creditlab.credit.metrics import advantage_metrics
+from creditlab.policy import Policy, load_policy
+from creditlab.registry import get_estimator, get_spec
+from creditlab.rollout.hf import SamplingConfig, generate, sequence_logprobs
+from creditlab.signals.prm import get_scorer, is_online, produce_step_signals
+from creditlab.signals.produce import SignalContext, produce_signals
+from creditlab.tasks import Problem, Task, get_task
+from creditlab.train.config import TrainConfig
+from creditlab.train.losses import aggregate, kl_penalty, ppo_clip_loss
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # last completed step
+    samples: int = 0  # responses generated so far (every sampled response counts)
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919) % (2**31 - 1)
+
+
+# ------------------------------------------------------------------ evaluation
+def evaluate(policy: Policy, task: Task, problems: list[Problem], *, max_new_tokens: int, chunk: int = 64) -> float:
+    """Greedy held-out accuracy: the fraction of problems whose single greedy response scores `correct`."""
+    if not problems:
+        return 0.0
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    correct = 0
+    policy.model.eval()
+    for start in range(0, len(problems), chunk):
+        part = problems[start:start + chunk]
+        batch = generate(policy, [policy.format_prompt(p.prompt) for p in part], 1, greedy, seed=0)
+        correct += sum(task.score(p, text).correct for p, text in zip(part, batch.texts))
+    return correct / len(problems)
+
+
+# ------------------------------------------------------------------ checkpoints
+def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, optim: torch.optim.Optimizer) -> Path:
+    """Write ckpt-<step>/ completely, then point `latest` at it atomically, then drop older checkpoints."""
+    final = run_dir / f"ckpt-{state.step:06d}"
+    tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with open(tmp / "state.pt", "wb") as f:
+        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "state": dataclasses.asdict(state)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = run_dir / f".latest-{os.getpid()}"
+    pointer.write_text(final.name)
+    with open(pointer) as f:
+        os.fsync(f.fileno())
+    os.replace(pointer, run_dir / "latest")
+    for old in run_dir.glob("ckpt-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    for junk in run_dir.glob(".tmp-ckpt-*"):
+        shutil.rmtree(junk, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run_dir: Path, model: torch.nn.Module, optim: torch.optim.Optimizer) -> TrainState:
+    pointer = run_dir / "latest"
+    if not pointer.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (missing {pointer})")
+    blob = torch.load(run_dir / pointer.read_text().strip() / "state.pt", weights_only=False)
+    model.load_state_dict(blob["model"])
+    optim.load_state_dict(blob["optim"])
+    return TrainState(**blob["state"])
+
+
+# ------------------------------------------------------------------ logging
+class Logger:
+    """metrics.jsonl (one line per step) + TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, keep_until: int | None = None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        if keep_until is not None and self.path.exists():  # on resume drop steps after the checkpoint
+            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= keep_until]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def dump_samples(path: Path, policy: Policy, batch: RolloutBatch, advantages: torch.Tensor, max_rows: int = 32) -> None:
+    """Sampled responses token by token with their advantages (read by `creditlab inspect`)."""
+    tok = policy.tokenizer
+    rows = []
+    for b in range(min(batch.B, max_rows)):
+        n = int(batch.response_mask[b].sum())
+        ids = batch.response_ids[b, :n].tolist()
+        rows.append({"group": int(batch.group_ids[b]), "reward": float(batch.rewards[b]),
+                     "prompt": tok.decode(batch.prompt_ids[b][batch.prompt_mask[b]].tolist(), skip_special_tokens=True)
+                     if batch.prompt_ids is not None else "",
+                     "tokens": [tok.decode([i]) for i in ids], "advantages": advantages[b, :n].tolist()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rows": rows}))
+
+
+# ------------------------------------------------------------------ one RL step
+def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | None, optim: torch.optim.Optimizer,
+               batch: RolloutBatch, advantages: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+    o, model = cfg.optim, policy.model
+    model.train()
+    temp = cfg.rollout.temperature
+    args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    old_logp = None
+    if o.ppo_epochs > 1 or o.minibatches > 1:  # otherwise the first forward *is* the old policy: reuse it
+        with torch.no_grad():
+            old_logp, _ = sequence_logprobs(model, *args, temperature=temp)
+    ref_logp = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_logp, _ = sequence_logprobs(ref_model, *args, temperature=temp)
+    norm_constant = o.norm_constant or float(cfg.rollout.max_new_tokens)
+    sums: dict[str, float] = {}
+    n_updates = 0
+    for _ in range(o.ppo_epochs):
+        perm = torch.randperm(batch.B, generator=gen)
+        for idx in perm.chunk(o.minibatches):
+            mask = batch.response_mask[idx]
+            logp, _ = sequence_logprobs(model, *(a[idx] for a in args), temperature=temp)
+            old = old_logp[idx] if old_logp is not None else logp.detach()
+            pg_loss, m = ppo_clip_loss(logp, old, advantages[idx], mask, clip_low=o.clip_low, clip_high=o.clip_high,
+                                       dual_clip=o.dual_clip, agg=o.loss_agg, norm_constant=norm_constant)
+            loss = pg_loss
+            if ref_logp is not None:
+                kl = aggregate(kl_penalty(logp, ref_logp[idx], o.kl_kind), mask, o.loss_agg,
+                               norm_constant=norm_constant)
+                loss = loss + o.kl_coef * kl
+                m["loss/kl"] = float(kl)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm))
+            optim.step()
+            m.update({"loss/pg": float(pg_loss.detach()), "loss/total": float(loss.detach())})
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_updates += 1
+    return {k: v / max(n_updates, 1) for k, v in sums.items()}
+
+
+def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[dict[str, float], RolloutBatch, Any]:
+    policy, task, pool = ctx["policy"], ctx["task"], ctx["pool"]
+    r = cfg.rollout
+    seed = step_seed(cfg.run.seed, state.step + 1)
+    gen = torch.Generator().manual_seed(seed)
+    problems = [pool[i] for i in torch.randint(len(pool), (r.prompts_per_step,), generator=gen).tolist()]
+    t0 = time.perf_counter()
+    policy.model.eval()
+    sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, bf16=r.bf16)
+    batch = generate(policy, [policy.format_prompt(p.prompt) for p in problems], r.group_size, sampling, seed=seed)
+    t1 = time.perf_counter()
+    scores = [task.score(problems[g], text) for g, text in zip(batch.group_ids.tolist(), batch.texts)]
+    batch = batch.replace(rewards=torch.tensor([s.reward for s in scores], dtype=torch.float32))
+    signal_ctx = SignalContext(policy=policy, problems=problems, scores=scores)
+    scorer = ctx["scorer"]
+    if scorer is not None:
+        batch = produce_step_signals(batch, scorer, signal_ctx)
+    batch = produce_signals(batch, ctx["needs"], signal_ctx)
+    t2 = time.perf_counter()
+    credit = get_estimator(cfg.run.estimator)(batch, **ctx["est_kwargs"])
+    t3 = time.perf_counter()
+    metrics = ppo_update(cfg, policy, ctx["ref_model"], ctx["optim"], batch, credit.advantages, gen)
+    if scorer is not None:
+        if is_online(scorer):  # after the policy step, as OPRL/iStar orders it
+            metrics.update(scorer.update(batch, signal_ctx))
+        metrics.update(scorer.metrics())
+    t4 = time.perf_counter()
+    mask = batch.response_mask
+    lengths = mask.sum(1).float()
+    metrics.update({
+        "reward/mean": float(batch.rewards.mean()), "reward/std": float(batch.rewards.std(unbiased=False)),
+        "train/accuracy": sum(s.correct for s in scores) / len(scores),
+        "policy/entropy": float((batch.entropies * mask).sum() / mask.sum().clamp_min(1))
+        if batch.entropies is not None else 0.0,
+        "response/length": float(lengths.mean()),
+        "response/truncated_frac": float((lengths >= r.max_new_tokens).float().mean()),
+        "samples": state.samples + batch.B,
+        "time/rollout": t1 - t0, "time/signals": t2 - t1, "time/credit": t3 - t2, "time/update": t4 - t3,
+        "time/step": t4 - t0,
+        **advantage_metrics(credit.advantages, mask), **credit.metrics,
+        **signal_ctx.metrics(batch),
+    })
+    return metrics, batch, credit
+
+
+# ------------------------------------------------------------------ the run
+def default_run_dir(cfg: TrainConfig) -> Path:
+    policy = Path(cfg.run.policy).name or cfg.run.policy
+    return Path("runs") / f"{cfg.run.task}-{policy}-{cfg.run.estimator}-s{cfg.run.seed}"
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) one RL run; returns a summary with initial and final held-out accuracy."""
+    run_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else default_run_dir(cfg)
+    if (run_dir / "latest").exists() and not cfg.run.resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or pick --out-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.run.seed)
+    spec = get_spec(cfg.run.estimator)  # fail fast on an unknown estimator, listing the known ones
+    task = get_task(cfg.run.task, **cfg.task_kwargs())
+    policy = load_policy(cfg.run.policy, seed=cfg.run.seed)
+    ref_model = None
+    if cfg.optim.kl_coef > 0 or "ref_logprobs" in spec.needs:
+        ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
+    optim = torch.optim.AdamW(policy.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    state = load_checkpoint(run_dir, policy.model, optim) if cfg.run.resume and (run_dir / "latest").exists() \
+        else TrainState()
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    logger = Logger(run_dir, tensorboard=cfg.log.tensorboard, keep_until=state.step)
+    ctx = {"policy": policy, "task": task, "ref_model": ref_model, "optim": optim,
+           "pool": task.problems("train", cfg.run.train_pool, cfg.run.seed), "needs": spec.needs,
+           "est_kwargs": cfg.estimator_kwargs(),
+           "scorer": get_scorer(cfg.run.scorer, **cfg.scorer_kwargs()) if cfg.run.scorer else None}
+    held_out = task.problems("test", cfg.eval.eval_problems, cfg.run.seed)
+    evaluate_now = lambda: evaluate(policy, task, held_out, max_new_tokens=cfg.rollout.max_new_tokens)  # noqa: E731
+    if state.step == 0:
+        logger.log(0, {"eval/accuracy": evaluate_now(), "samples": 0})
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    bar = _progress(cfg, state.step)
+    metrics: dict[str, Any] = {}
+    while state.step < cfg.run.steps:
+        metrics, batch, credit = rl_step(cfg, ctx, state)
+        state.step += 1
+        state.samples = int(metrics["samples"])
+        if state.step % cfg.eval.eval_every == 0 or state.step == cfg.run.steps:
+            metrics["eval/accuracy"] = evaluate_now()
+        logger.log(state.step, metrics)
+        if cfg.log.sample_every and (state.step % cfg.log.sample_every == 0 or state.step == 1):
+            dump_samples(run_dir / "samples" / f"step_{state.step:06d}.json", policy, batch, credit.advantages)
+        if state.step % cfg.log.checkpoint_every == 0 or state.step == cfg.run.steps:
+            save_checkpoint(run_dir, state, policy.model, optim)
+        if bar is not None:
+            bar.update(1)
+            acc = metrics.get("eval/accuracy", float("nan"))
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{acc:.3f}")
+    if bar is not None:
+        bar.close()
+    logger.close()
+    policy.model.save_pretrained(run_dir / "policy")
+    policy.tokenizer.save_pretrained(run_dir / "policy")
+    return {"run_dir": str(run_dir), "initial_accuracy": first.get("eval/accuracy"),
+            "final_accuracy": metrics.get("eval/accuracy", first.get("eval/accuracy")), "steps": state.step,
+            "samples": state.samples}
+
+
+def _progress(cfg: TrainConfig, start: int) -> Any:
+    if not cfg.log.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.run.steps, initial=start, desc=f"{cfg.run.estimator}", dynamic_ncols=True)
