@@ -5,7 +5,14 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+# Framework integrations live in their own environments: verl 0.9.1 pins transformers<5.11 while TRL 1.16
+# pulls transformers 5.23, so neither can share .venv (nor each other's).
+VENV_TRL   := .venv-trl
+STAMP_TRL  := $(VENV_TRL)/.installed
+VENV_VERL  := .venv-verl
+STAMP_VERL := $(VENV_VERL)/.installed
+
+.PHONY: demo test test-core test-trl test-verl lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +27,28 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
-test: $(STAMP) lint
+test: test-core test-trl test-verl
+
+test-core: $(STAMP) lint
 	$(PY) -m pytest -q
 
+$(STAMP_TRL): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_TRL)
+	$(VENV_TRL)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VENV_TRL)/bin/python -m pip install -q --disable-pip-version-check -e ".[trl,test]"
+	touch $(STAMP_TRL)
+
+test-trl: $(STAMP_TRL)
+	$(VENV_TRL)/bin/python -m pytest -q tests/integrations/test_trl.py
+
+$(STAMP_VERL): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_VERL)
+	$(VENV_VERL)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VENV_VERL)/bin/python -m pip install -q --disable-pip-version-check -e ".[verl,test]"
+	touch $(STAMP_VERL)
+
+test-verl: $(STAMP_VERL)
+	$(VENV_VERL)/bin/python -m pytest -q tests/integrations/test_verl.py
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VENV_TRL) $(VENV_VERL) runs .pytest_cache
