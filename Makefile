@@ -35,11 +35,11 @@ test-core: $(STAMP) lint
 $(STAMP_TRL): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV_TRL)
 	$(VENV_TRL)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(VENV_TRL)/bin/python -m pip install -q --disable-pip-version-check -e ".[trl,test]"
+	$(VENV_TRL)/bin/python -m pip install -q --disable-pip-version-check -e ".[train,trl,test]"
 	touch $(STAMP_TRL)
 
 test-trl: $(STAMP_TRL)
-	$(VENV_TRL)/bin/python -m pytest -q tests/integrations/test_trl.py
+	$(VENV_TRL)/bin/python -m pytest -q tests/integrations/test_trl.py tests/integrations/test_vs_trl_smoke.py
 
 $(STAMP_VERL): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV_VERL)

@@ -1,0 +1,40 @@
+"""Smoke test of benchmarks/vs_trl.py: the --tiny mode for one step, in the TRL environment (`.venv-trl`).
+
+Skips cleanly where trl (or reasoning-gym, which the benchmark's chain_sum task needs) is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl", reason="trl is not installed (make test-trl builds .venv-trl)")
+pytest.importorskip("reasoning_gym", reason="reasoning-gym is not installed (the chain_sum task needs it)")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vs_trl.py"
+
+
+def test_tiny_one_step_writes_a_complete_report(tmp_path):
+    out = tmp_path / "vs_trl.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--warmup", "0", "--threads", "1",
+                           "--profile", "--profile-top", "5", "--out", str(out), "--work-dir", str(tmp_path / "w")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["prompt_format"]["match"]  # TRL and creditlab feed the model the same prompt tokens
+    for name in ("creditlab", "trl"):
+        r = report[name]
+        assert r["steps"] == 1 and r["samples"] == 4  # tiny: 2 prompts x 2 samples
+        assert len(r["step_s"]) == 1 and len(r["rollout_s"]) == 1
+        assert math.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0
+        assert 0.0 <= r["final_accuracy"] <= 1.0
+    assert report["creditlab"]["initial_accuracy"] is not None
+    assert math.isfinite(report["ratio_samples_per_s"]) and report["ratio_samples_per_s"] > 0
+    assert "rl_step" in report["profile"]  # the profiled call is creditlab's step
+    assert "| creditlab |" in out.with_suffix(".md").read_text()
+    assert "samples/s" in proc.stdout
