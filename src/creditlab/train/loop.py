@@ -150,9 +150,11 @@ def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | No
         with torch.no_grad():
             old_logp, _ = sequence_logprobs(model, *args, temperature=temp)
     ref_logp = None
-    if ref_model is not None:
-        with torch.no_grad():
-            ref_logp, _ = sequence_logprobs(ref_model, *args, temperature=temp)
+    if o.kl_coef > 0 and ref_model is not None:
+        ref_logp = batch.ref_logprobs
+        if ref_logp is None:
+            with torch.no_grad():
+                ref_logp, _ = sequence_logprobs(ref_model, *args, temperature=temp)
     norm_constant = o.norm_constant or float(cfg.rollout.max_new_tokens)
     sums: dict[str, float] = {}
     n_updates = 0
@@ -169,7 +171,7 @@ def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | No
                 kl = aggregate(kl_penalty(logp, ref_logp[idx], o.kl_kind), mask, o.loss_agg,
                                norm_constant=norm_constant)
                 loss = loss + o.kl_coef * kl
-                m["loss/kl"] = float(kl)
+                m["loss/kl"] = float(kl.detach())
             optim.zero_grad(set_to_none=True)
             loss.backward()
             m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm))
@@ -198,6 +200,11 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
     scorer = ctx["scorer"]
     if scorer is not None:
         batch = produce_step_signals(batch, scorer, signal_ctx)
+    if "ref_logprobs" in ctx["needs"] and batch.ref_logprobs is None and ctx["ref_model"] is not None:
+        with torch.no_grad():
+            ref_logp, _ = sequence_logprobs(ctx["ref_model"], batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                            batch.response_mask, temperature=r.temperature)
+        batch = batch.replace(ref_logprobs=ref_logp)
     batch = produce_signals(batch, ctx["needs"], signal_ctx)
     t2 = time.perf_counter()
     credit = get_estimator(cfg.run.estimator)(batch, **ctx["est_kwargs"])
