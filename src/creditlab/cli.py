@@ -1,4 +1,4 @@
-"""`creditlab` command line. Subcommands: list, train, sft, demo, speed, inspect."""
+"""`creditlab` command line. Subcommands: list, train, sft, demo, speed, inspect, bench, credit-quality."""
 
 from __future__ import annotations
 
@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="HTML page of a run's sampled responses coloured by per-token advantage")
     add_inspect_args(p)
     p.set_defaults(func=run_inspect)
+    from creditlab.bench.learning import add_bench_args, run_bench_cli
+    from creditlab.bench.quality import add_quality_args, run_quality_cli
+
+    p = sub.add_parser("bench", help="estimators x tasks x seeds through the trainer: report.md, curves.png")
+    add_bench_args(p)
+    p.set_defaults(func=run_bench_cli)
+    p = sub.add_parser("credit-quality", help="how well each estimator's advantages locate the first wrong step")
+    add_quality_args(p)
+    p.set_defaults(func=run_quality_cli)
     return parser
 
 

@@ -1,0 +1,91 @@
+"""creditlab bench on the micro preset: results layout, report, curves, env record, and resume-by-skip."""
+
+import json
+
+import pytest
+
+from creditlab.bench.learning import (
+    PRESETS,
+    missing_signals,
+    runnable_estimators,
+    samples_to_target,
+    scorer_for,
+    total_samples,
+)
+from creditlab.cli import main
+
+
+def test_scorer_mapping_and_runnable_set():
+    assert scorer_for("grpo") == ("", "{}")
+    assert scorer_for("pure")[0] == "oracle" and scorer_for("prime")[0] == "implicit"
+    assert json.loads(scorer_for("oprl")[1]) == {"mode": "oprl"}
+    assert missing_signals("gae")  # needs a critic
+    runnable = runnable_estimators()
+    assert "gae" not in runnable and {"grpo", "tempo", "prime", "oprl", "pure", "tp_grpo"} <= set(runnable)
+    assert set(PRESETS["quick"].estimators) <= set(runnable)
+
+
+def test_samples_and_target():
+    assert total_samples({"samples": 128}) == 128 and total_samples({"samples": 128, "samples_extra": 64}) == 192
+    assert samples_to_target([0, 128, 256], [0.1, 0.3, 0.5], 0.3) == 128
+    assert samples_to_target([0, 128], [0.1, 0.2], 0.3) is None
+
+
+@pytest.fixture(scope="module")
+def micro_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", "--preset", "micro", "--out", str(out)]) == 0
+    return out
+
+
+def test_micro_bench_writes_results(micro_bench):
+    out = micro_bench
+    rows = [json.loads(x) for x in (out / "results/arith_chain/grpo/seed0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval/accuracy" in rows[-1] and rows[-1]["samples"] == 32
+    report = (out / "report.md").read_text()
+    assert "| grpo |" in report and "final acc" in report
+    assert (out / "curves.png").stat().st_size > 0
+    env = json.loads((out / "results/env.json").read_text())
+    for key in ("git_commit", "git_dirty", "torch", "transformers", "creditlab", "python", "settings"):
+        assert key in env
+    config = json.loads((out / "runs/arith_chain/grpo/seed0/config.json").read_text())
+    assert config["run"]["steps"] == 2 and config["rollout"]["group_size"] == 4
+
+
+def test_rerun_skips_finished_and_extends_by_resuming(micro_bench, capsys):
+    out = micro_bench
+    metrics = out / "runs/arith_chain/grpo/seed0/metrics.jsonl"
+    before = metrics.read_text()
+    assert main(["bench", "--preset", "micro", "--out", str(out)]) == 0
+    assert "skipped" in capsys.readouterr().out and metrics.read_text() == before
+    assert main(["bench", "--preset", "micro", "--out", str(out), "--steps", "3"]) == 0  # resumes from step 2
+    assert "resumed" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (out / "results/arith_chain/grpo/seed0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[-1]["samples"] == 48
+    assert main(["bench", "--preset", "micro", "--out", str(out), "--steps", "4", "--report-only"]) == 0
+    report = (out / "report.md").read_text()
+    assert "partial: 0 of 1 runs finished" in report and "| grpo |" not in report
+    assert [r["step"] for r in read(out)] == [0, 1, 2, 3]  # nothing trained
+    config_path = out / "runs/arith_chain/grpo/seed0/config.json"
+    config = json.loads(config_path.read_text())
+    config["optim"]["lr"] *= 2  # as if the run had been made with other settings
+    config_path.write_text(json.dumps(config))
+    assert main(["bench", "--preset", "micro", "--out", str(out), "--steps", "3"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def read(out):
+    return [json.loads(x) for x in (out / "runs/arith_chain/grpo/seed0/metrics.jsonl").read_text().splitlines()]
+
+
+def test_unrunnable_estimator_is_refused(tmp_path, capsys):
+    assert main(["bench", "--preset", "micro", "--estimators", "gae", "--out", str(tmp_path)]) == 2
+    assert "gae" in capsys.readouterr().err
+
+
+def test_cli_help(capsys):
+    from creditlab.cli import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--help"])
+    assert "--out" in capsys.readouterr().out
