@@ -22,7 +22,7 @@ def demo_train_config(policy_dir: str, estimator: str, out_dir: str, seed: int, 
     return TrainConfig(
         run=RunConfig(task=TASK, task_kwargs=TASK_KWARGS, policy=policy_dir, estimator=estimator, out_dir=out_dir,
                       seed=seed, steps=steps),
-        rollout=RolloutConfig(prompts_per_step=16, group_size=8, temperature=1.0, max_new_tokens=40),
+        rollout=RolloutConfig(prompts_per_step=16, group_size=8, temperature=0.7, max_new_tokens=40),
         optim=OptimConfig(lr=1e-4),  # 5e-4 collapsed the warm-started policy (reward -> 0) in our runs
         eval=EvalConfig(eval_every=10, eval_problems=128),
         log=LogConfig(checkpoint_every=steps, progress=True),

@@ -21,12 +21,10 @@ from creditlab.train.losses import aggregate
 def encode_pairs(policy: Policy, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, ...]:
     """Left-padded prompt ids/mask and right-padded response ids/mask (EOS appended) for teacher forcing."""
     tok = policy.tokenizer
-    p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids, prompt_mask = policy.encode_prompts(prompts)  # exactly as the rollout engine encodes prompts
     r_ids = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
-    P, T = max(map(len, p_ids)), max(map(len, r_ids))
+    T = max(map(len, r_ids))
     pad = tok.pad_token_id
-    prompt_ids = torch.tensor([[pad] * (P - len(x)) + x for x in p_ids])
-    prompt_mask = torch.tensor([[False] * (P - len(x)) + [True] * len(x) for x in p_ids])
     response_ids = torch.tensor([x + [pad] * (T - len(x)) for x in r_ids])
     response_mask = torch.tensor([[True] * len(x) + [False] * (T - len(x)) for x in r_ids])
     return prompt_ids, prompt_mask, response_ids, response_mask
