@@ -54,7 +54,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
         optim.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     accuracy = evaluate(policy, task, held_out, max_new_tokens=cfg.max_new_tokens)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
