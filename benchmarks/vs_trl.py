@@ -19,15 +19,19 @@ the same constant learning rate (TRL's default linear decay is switched off), we
 no KL (beta=0, no reference model), one gradient step per batch (creditlab ppo_epochs=1, minibatches=1; TRL
 num_iterations=1, gradient_accumulation_steps=1), token-mean loss (TRL loss_type="dapo"), clip 0.2/0.28, GRPO
 advantages (R - mean_g) / (std_g + 1e-4) with the unbiased std (TRL's formula; creditlab `grpo` with eps=1e-4),
-fp32 weights and fp32 training. Both see *the same prompts in the same order*: the TRL dataset is built from the
+fp32 weights and fp32 AdamW. Both see *the same prompts in the same order*: the TRL dataset is built from the
 problems creditlab's trainer draws at each step, and TRL's shuffling is off. Reward = the task's scorer on the
 completion text (1 if correct else 0). Prompts go through the same chat template (checked token for token).
 
-Differences that are the point of the comparison (creditlab's defaults for speed): creditlab samples under bf16
-autocast with fp32 master weights (`--no-bf16` turns it off), with its own KV-cached sampler; TRL generates with
-`model.generate` in fp32. TRL's GRPOConfig defaults `gradient_checkpointing=True` and `bf16=True`; both are set
-to False here (creditlab does neither; the reference number for TRL is fp32) and can be restored with
-`--trl-gradient-checkpointing` / `--trl-bf16`.
+Differences that are the point of the comparison (creditlab's defaults for speed):
+- creditlab runs each group's shared prompt through the model once, in the sampler's prefill and in the update's
+  forward/backward (its KV cache is indexed out to the G responses; exact up to float reassociation);
+- creditlab samples under bf16 autocast (`--no-bf16` turns it off) with its own KV-cached sampler, and runs the
+  update's forward/backward under bf16 autocast (`--no-update-bf16` turns it off); master weights and AdamW
+  state stay fp32 in both;
+- TRL generates with `model.generate` and trains in fp32. TRL's GRPOConfig defaults `gradient_checkpointing=True`
+  and `bf16=True`; both are set to False here (the reference number for TRL is fp32) and can be restored with
+  `--trl-gradient-checkpointing` / `--trl-bf16`.
 
 Timing: creditlab's step time is its own `time/step` (rollout + scoring + credit + update; logging, evaluation and
 checkpoints excluded). TRL's step time is wall time from `on_step_begin` to `on_step_end` (data fetch, generation,
@@ -133,7 +137,7 @@ def train_config(args: argparse.Namespace, sizes: Sizes, *, steps: int, out_dir:
         rollout=RolloutConfig(prompts_per_step=sizes.prompts, group_size=sizes.group, temperature=args.temperature,
                               top_p=1.0, max_new_tokens=sizes.max_new_tokens, bf16=args.bf16),
         optim=OptimConfig(lr=args.lr, weight_decay=0.0, ppo_epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28,
-                          loss_agg="token-mean", kl_coef=0.0, max_grad_norm=1.0),
+                          loss_agg="token-mean", kl_coef=0.0, max_grad_norm=1.0, update_bf16=args.update_bf16),
         eval=EvalConfig(eval_every=10**9, eval_problems=eval_problems),  # only at the start and the end
         log=LogConfig(checkpoint_every=10**9, tensorboard=False, progress=False, sample_every=0),
     )
@@ -160,7 +164,9 @@ def run_creditlab(cfg: TrainConfig) -> Result:
                   step_s=[r["time/step"] for r in steps], rollout_s=[r["time/rollout"] for r in steps],
                   update_s=[r["time/update"] for r in steps], reward_mean=[r["reward/mean"] for r in steps],
                   final_accuracy=summary["final_accuracy"], initial_accuracy=summary["initial_accuracy"], wall_s=wall,
-                  notes={"sampling": "bf16 autocast, fp32 master weights" if cfg.rollout.bf16 else "fp32"})
+                  notes={"sampling": "bf16 autocast, fp32 master weights" if cfg.rollout.bf16 else "fp32",
+                         "update": "bf16 autocast, fp32 master weights and AdamW" if cfg.optim.update_bf16 else "fp32",
+                         "prompt_sharing": "one prompt forward per group in prefill and update"})
 
 
 # ---------------------------------------------------------------------------------------------------- TRL
@@ -333,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (both)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="creditlab samples under bf16 autocast (fp32 master weights)")
+    p.add_argument("--update-bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="creditlab's update forward/backward under bf16 autocast (fp32 master weights, fp32 AdamW)")
     p.add_argument("--trl-bf16", action="store_true", help="TRL's GRPOConfig default bf16=True (mixed precision)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="TRL's GRPOConfig default gradient_checkpointing=True")
@@ -420,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"policy": sizes.policy, "task": TASK, "task_kwargs": TASK_KWARGS, "prompts": sizes.prompts,
             "group": sizes.group, "max_new_tokens": sizes.max_new_tokens, "lr": args.lr, "steps": args.steps,
             "seed": args.seed, "temperature": args.temperature, "creditlab_bf16_sampling": args.bf16,
+            "creditlab_bf16_update": args.update_bf16,
             "trl_bf16": args.trl_bf16, "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
             "eval_problems": eval_problems, "warmup_steps": args.warmup, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "trl": trl.__version__,

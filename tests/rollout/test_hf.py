@@ -111,6 +111,47 @@ def test_sequence_logprobs_gradient_masking_and_padding_invariance(tiny):
     assert torch.allclose(padded, logp.detach(), atol=1e-5)
 
 
+def test_shared_prompt_forward_matches_one_forward_per_row(eos_prone):
+    """Each group's prompt runs once and its KV cache serves the G rows: same log-probs, entropies and gradients
+    as one forward over prompt + response per row (also with a lone prompt among repeated ones)."""
+    model = eos_prone.model
+    prompts = _prompts(eos_prone)
+    batch = generate(eos_prone, prompts, 3, SamplingConfig(max_new_tokens=14), seed=4)
+    lone = generate(eos_prone, [eos_prone.format_prompt("7*8")], 1, SamplingConfig(max_new_tokens=14), seed=9)
+    T = max(batch.response_ids.shape[1], lone.response_ids.shape[1])
+
+    def widen(x: torch.Tensor, fill: int | bool) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=fill)
+
+    pad = eos_prone.tokenizer.pad_token_id
+    P = batch.prompt_ids.shape[1]
+    left = (P - lone.prompt_ids.shape[1], 0)  # left-pad the lone prompt to the batch's width
+    lone_ids = torch.nn.functional.pad(lone.prompt_ids, left, value=pad)
+    lone_mask = torch.nn.functional.pad(lone.prompt_mask, left, value=False)
+    args = (torch.cat([batch.prompt_ids, lone_ids]), torch.cat([batch.prompt_mask, lone_mask]),
+            torch.cat([widen(batch.response_ids, pad), widen(lone.response_ids, pad)]),
+            torch.cat([widen(batch.response_mask, False), widen(lone.response_mask, False)]))
+    results = []
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp, ent = sequence_logprobs(model, *args, temperature=0.7, with_entropy=True, share_prompts=share)
+        (logp.sum() + 0.1 * ent.sum()).backward()
+        results.append((logp.detach(), ent.detach(), [q.grad.clone() for q in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    (lp0, e0, g0), (lp1, e1, g1) = results
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(e0, e1, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(g0, g1))
+
+
+def test_shared_prompt_forward_falls_back_without_repeats(tiny):
+    batch = generate(tiny, _prompts(tiny), 1, SamplingConfig(max_new_tokens=8), seed=0)
+    args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    with torch.no_grad():
+        a, _ = sequence_logprobs(tiny.model, *args, share_prompts=True)
+        b, _ = sequence_logprobs(tiny.model, *args, share_prompts=False)
+    assert torch.equal(a, b)
+
+
 def test_bf16_sampling_gives_a_valid_batch(tiny):
     batch = generate(tiny, _prompts(tiny), 2, SamplingConfig(max_new_tokens=8, bf16=True), seed=0).validate()
     assert batch.logprobs.dtype == torch.float32 and tiny.model.dtype == torch.float32

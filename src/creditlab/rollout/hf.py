@@ -74,12 +74,12 @@ def generate(policy: Policy, prompts: list[str], n: int, cfg: SamplingConfig, *,
     if n < 1 or not prompts:
         raise ValueError(f"generate needs at least one prompt and n >= 1, got {len(prompts)} prompts, n={n}")
     device = policy.model.device
-    prompt_ids, prompt_mask = policy.encode_prompts(prompts)  # [G, P]
-    prompt_ids = prompt_ids.repeat_interleave(n, dim=0).to(device)  # [B, P]
-    prompt_mask = prompt_mask.repeat_interleave(n, dim=0).to(device)  # [B, P]
+    prompt_ids, prompt_mask = (t.to(device) for t in policy.encode_prompts(prompts))  # [G, P]
+    expand = torch.arange(len(prompts), device=device).repeat_interleave(n)  # [B] row -> its prompt
     generator = torch.Generator(device=device).manual_seed(seed)
     out = sample_tokens(policy.model, prompt_ids, prompt_mask, cfg, generator=generator,
-                        stop_ids=policy.stop_ids, pad_id=policy.tokenizer.pad_token_id)
+                        stop_ids=policy.stop_ids, pad_id=policy.tokenizer.pad_token_id, expand=expand)
+    prompt_ids, prompt_mask = prompt_ids[expand], prompt_mask[expand]  # [B, P]
     texts = [policy.tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
              for row, m in zip(out.tokens, out.mask)]
     group_ids = group_offset + torch.arange(len(prompts), device=device).repeat_interleave(n)  # [B]
@@ -106,8 +106,9 @@ def continue_from(policy: Policy, prefixes: list[list[int]], n: int, cfg: Sampli
     for start in range(0, len(prefixes), per_chunk):
         chunk = prefixes[start:start + per_chunk]
         ids, mask = _left_pad(chunk, policy.tokenizer.pad_token_id, policy.model.device)  # [b, L]
-        res = sample_tokens(policy.model, ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), cfg,
-                            generator=generator, stop_ids=policy.stop_ids, pad_id=policy.tokenizer.pad_token_id)
+        res = sample_tokens(policy.model, ids, mask, cfg, generator=generator, stop_ids=policy.stop_ids,
+                            pad_id=policy.tokenizer.pad_token_id,
+                            expand=torch.arange(len(chunk), device=ids.device).repeat_interleave(n))
         rows = [t[m].tolist() for t, m in zip(res.tokens, res.mask)]
         out.extend(rows[i * n:(i + 1) * n] for i in range(len(chunk)))
     return out
@@ -126,25 +127,32 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
 
 @torch.no_grad()
 def sample_tokens(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, cfg: SamplingConfig, *,
-                  generator: torch.Generator, stop_ids: list[int], pad_id: int) -> Sampled:
-    """KV-cached autoregressive sampling from left-padded inputs [B, L]; stops early once every row has stopped.
+                  generator: torch.Generator, stop_ids: list[int], pad_id: int,
+                  expand: Tensor | None = None) -> Sampled:
+    """KV-cached autoregressive sampling from left-padded inputs [N, L]; stops early once every row has stopped.
 
+    `expand` ([B] long, optional): output row b continues input row expand[b]. The inputs are prefilled once and
+    their KV cache is indexed out to the B rows (n samples of one prompt share its prefill); without it B = N.
     The model runs in eval mode (restored afterwards) and under bf16 autocast when `cfg.bf16`.
     """
     was_training = model.training
     model.eval()
-    B = input_ids.shape[0]
-    stops = torch.tensor(stop_ids, device=input_ids.device)
-    alive = torch.ones(B, dtype=torch.bool, device=input_ids.device)  # [B] not yet past a stop token
-    mask = attention_mask.long()  # [B, L]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L] left padding does not shift positions
+    mask = attention_mask.long()  # [N, L]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, L] left padding does not shift positions
     cols: list[tuple[Tensor, ...]] = []
     try:
         with torch.autocast(device_type=input_ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1)
+            cache, logits = out.past_key_values, out.logits[:, -1]  # logits: [N, V]
+            if expand is not None:  # one prefill per distinct input, then one cache row per sample
+                cache.batch_select_indices(expand)
+                logits, mask, positions = logits[expand], mask[expand], positions[expand]
+            B = mask.shape[0]
+            stops = torch.tensor(stop_ids, device=input_ids.device)
+            alive = torch.ones(B, dtype=torch.bool, device=input_ids.device)  # [B] not yet past a stop token
             for _ in range(cfg.max_new_tokens):
-                token, stats = _sample_step(out.logits[:, -1].float(), cfg, generator)  # [B], 4 x [B]
+                token, stats = _sample_step(logits.float(), cfg, generator)  # [B], 4 x [B]
                 token = torch.where(alive, token, torch.full_like(token, pad_id))
                 cols.append((token, alive.clone(), *stats))
                 alive &= ~torch.isin(token, stops)
@@ -153,7 +161,8 @@ def sample_tokens(model: PreTrainedModel, input_ids: Tensor, attention_mask: Ten
                 mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # [B, L + t + 1]
                 positions = positions[:, -1:] + 1  # [B, 1]
                 out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                            past_key_values=out.past_key_values, use_cache=True)
+                            past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[:, -1]
     finally:
         model.train(was_training)
     return _stack(cols, B, input_ids.device)
@@ -194,22 +203,31 @@ def _stack(cols: list[tuple[Tensor, ...]], B: int, device: torch.device) -> Samp
 
 
 def sequence_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
-                      response_mask: Tensor, *, temperature: float = 1.0,
-                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Log-probs [B, T] of the response tokens (and entropies [B, T] if asked) in one forward pass.
+                      response_mask: Tensor, *, temperature: float = 1.0, with_entropy: bool = False,
+                      share_prompts: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Log-probs [B, T] of the response tokens (and entropies [B, T] if asked).
 
     Scores softmax(z / temperature) (temperature 0 scores at 1, as `generate` does); differentiable when called
     with grad enabled; exactly 0 outside `response_mask`. Every response position is attended (padding after
     EOS only follows valid tokens, so causality keeps it out), which also keeps masked observation tokens of
     multi-turn rows visible. Only the T needed logits rows are computed; the log-prob is
     z[token] - logsumexp(z), avoiding a [B, T, V] log_softmax copy.
+
+    `share_prompts`: rows with identical prompts (a GRPO group) run the prompt through the model once; its KV
+    cache is then indexed out to every row of the group and the responses run on top of it. Same numbers up to
+    float reassociation (~1e-6), gradients included (the cache's backward sums over the group), and
+    (G - 1) / G fewer prompt tokens through the forward and backward. Falls back to one forward over
+    prompt + response when no prompt repeats or the model's cache cannot be re-indexed.
     """
     T = response_ids.shape[1]
-    ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P + T]
-    mask = torch.cat([prompt_mask.long(), torch.ones_like(response_ids)], dim=1)  # [B, P + T]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                   logits_to_keep=T + 1).logits[:, :-1].float()  # [B, T, V] predicts response token t
+    logits = _shared_prompt_logits(model, prompt_ids, prompt_mask, response_ids) if share_prompts else None
+    if logits is None:
+        ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P + T]
+        mask = torch.cat([prompt_mask.long(), torch.ones_like(response_ids)], dim=1)  # [B, P + T]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                       logits_to_keep=T + 1).logits[:, :-1]  # [B, T, V] predicts response token t
+    logits = logits.float()
     tau = scoring_temperature(temperature)
     if tau != 1.0:
         logits = logits / tau
@@ -217,3 +235,31 @@ def sequence_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: T
     logp = logp.masked_fill(~response_mask, 0.0)
     entropy = token_entropy(logits).masked_fill(~response_mask, 0.0) if with_entropy else None
     return logp, entropy
+
+
+def _shared_prompt_logits(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor,
+                          response_ids: Tensor) -> Tensor | None:
+    """Logits [B, T, V] predicting each response token, with each distinct prompt run once; None if not worth it."""
+    B, P = prompt_ids.shape
+    T = response_ids.shape[1]
+    if P == 0 or T == 0:
+        return None
+    keyed = torch.where(prompt_mask, prompt_ids, -1)  # [B, P] padding ids cannot make equal prompts differ
+    unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)  # inverse: [B] row -> distinct prompt
+    U = unique.shape[0]
+    if U == B:
+        return None
+    first = torch.full((U,), B, device=prompt_ids.device).scatter_reduce(
+        0, inverse, torch.arange(B, device=prompt_ids.device), reduce="amin")  # [U] a row holding each prompt
+    p_mask = prompt_mask[first].long()  # [U, P]
+    out = model(input_ids=prompt_ids[first], attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    if not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...]; differentiable indexing
+    mask = torch.cat([prompt_mask.long(), torch.ones_like(response_ids)], dim=1)  # [B, P + T]
+    positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T, device=prompt_ids.device)  # [B, T]
+    resp = model(input_ids=response_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=T).logits  # [B, T, V]; position t predicts token t + 1
+    return torch.cat([out.logits[inverse], resp[:, :-1]], dim=1)  # [B, T, V]

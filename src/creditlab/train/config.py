@@ -52,6 +52,7 @@ class OptimConfig:
     kl_coef: float = 0.0  # KL-to-reference coefficient in the loss (0: no reference model is loaded)
     kl_kind: KLKind = "k3"  # KL estimator
     max_grad_norm: float = 1.0  # gradient clipping
+    update_bf16: bool = False  # update forward/backward under bf16 autocast (fp32 master weights and AdamW state)
 
 
 @dataclass

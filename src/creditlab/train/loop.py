@@ -145,15 +145,16 @@ def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | No
     model.train()
     temp = cfg.rollout.temperature
     args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    autocast = lambda: torch.autocast(batch.response_ids.device.type, torch.bfloat16, enabled=o.update_bf16)  # noqa: E731
     old_logp = None
     if o.ppo_epochs > 1 or o.minibatches > 1:  # otherwise the first forward *is* the old policy: reuse it
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             old_logp, _ = sequence_logprobs(model, *args, temperature=temp)
     ref_logp = None
     if o.kl_coef > 0 and ref_model is not None:
         ref_logp = batch.ref_logprobs
         if ref_logp is None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 ref_logp, _ = sequence_logprobs(ref_model, *args, temperature=temp)
     norm_constant = o.norm_constant or float(cfg.rollout.max_new_tokens)
     sums: dict[str, float] = {}
@@ -162,7 +163,8 @@ def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | No
         perm = torch.randperm(batch.B, generator=gen)
         for idx in perm.chunk(o.minibatches):
             mask = batch.response_mask[idx]
-            logp, _ = sequence_logprobs(model, *(a[idx] for a in args), temperature=temp)
+            with autocast():  # same precision as old_logp, so the first epoch's ratio is exactly 1
+                logp, _ = sequence_logprobs(model, *(a[idx] for a in args), temperature=temp)
             old = old_logp[idx] if old_logp is not None else logp.detach()
             pg_loss, m = ppo_clip_loss(logp, old, advantages[idx], mask, clip_low=o.clip_low, clip_high=o.clip_high,
                                        dual_clip=o.dual_clip, agg=o.loss_agg, norm_constant=norm_constant)
