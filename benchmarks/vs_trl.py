@@ -318,6 +318,9 @@ def markdown(cl: Result, tr: Result, ratio: float, meta: dict[str, Any]) -> str:
         f"{meta['policy']} on one-digit `{TASK}`, {meta['prompts']} prompts × {meta['group']} samples × "
         f"{meta['max_new_tokens']} new tokens, lr {meta['lr']:g}, {meta['steps']} steps, seed {meta['seed']}, "
         f"{meta['threads']} torch threads, {meta['eval_problems']} held-out problems (greedy).",
+        f"creditlab: sampling {cl.notes.get('sampling', '?')}; update {cl.notes.get('update', '?')}; "
+        f"{cl.notes.get('prompt_sharing', '')}. TRL: {tr.notes.get('generation', '?')}; "
+        f"training {'bf16 mixed precision' if meta.get('trl_bf16') else 'fp32'}.",
         "",
         "| framework | samples/s | s/step | rollout s/step | update s/step | held-out accuracy |",
         "|---|---:|---:|---:|---:|---:|",
