@@ -44,13 +44,14 @@ def _strip_times(rows):
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    common = [*TINY, "--estimator", "rloo", "--checkpoint-every", "2"]
+    common = [*TINY, "--estimator", "rloo", "--checkpoint-every", "2", "--warmup-steps", "3"]
     assert main(["train", *common, "--steps", "4", "--out-dir", str(tmp_path / "straight")]) == 0
     assert main(["train", *common, "--steps", "2", "--out-dir", str(tmp_path / "split")]) == 0
     assert main(["train", *common, "--steps", "4", "--out-dir", str(tmp_path / "split"), "--resume"]) == 0
     straight, split = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
     assert [r["step"] for r in split] == [0, 1, 2, 3, 4]
     assert _strip_times(straight) == _strip_times(split)
+    assert [r["optim/lr"] for r in split[1:]] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])  # warmup resumed
 
 
 def test_existing_run_dir_needs_resume(tmp_path, capsys):

@@ -41,6 +41,7 @@ class RolloutConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4  # AdamW learning rate
+    warmup_steps: int = 0  # linear learning-rate warmup over the first N RL steps (0: constant lr)
     weight_decay: float = 0.0
     ppo_epochs: int = 1  # passes over each batch
     minibatches: int = 1  # minibatches per pass (gradient steps per pass)

@@ -211,6 +211,8 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
     t2 = time.perf_counter()
     credit = get_estimator(cfg.run.estimator)(batch, **ctx["est_kwargs"])
     t3 = time.perf_counter()
+    for group in ctx["optim"].param_groups:  # a function of the step alone, so --resume needs no scheduler state
+        group["lr"] = cfg.optim.lr * min(1.0, (state.step + 1) / max(cfg.optim.warmup_steps, 1))
     metrics = ppo_update(cfg, policy, ctx["ref_model"], ctx["optim"], batch, credit.advantages, gen)
     if scorer is not None:
         if is_online(scorer):  # after the policy step, as OPRL/iStar orders it
@@ -226,7 +228,7 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
         if batch.entropies is not None else 0.0,
         "response/length": float(lengths.mean()),
         "response/truncated_frac": float((lengths >= r.max_new_tokens).float().mean()),
-        "samples": state.samples + batch.B,
+        "samples": state.samples + batch.B, "optim/lr": ctx["optim"].param_groups[0]["lr"],
         "time/rollout": t1 - t0, "time/signals": t2 - t1, "time/credit": t3 - t2, "time/update": t4 - t3,
         "time/step": t4 - t0,
         **advantage_metrics(credit.advantages, mask), **credit.metrics,
