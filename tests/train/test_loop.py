@@ -1,6 +1,7 @@
 """End-to-end trainer tests on the tiny policy: CLI training, exact resume, crash-safe checkpoints."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -37,6 +38,17 @@ def test_cli_trains_tiny_with_finite_losses_and_changed_parameters(tmp_path):
     after = load_policy(str(out / "policy")).model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert (out / "latest").exists() and list(out.glob("samples/step_*.json"))
+
+
+def test_bf16_sampling_and_update_train_with_finite_losses(tmp_path):
+    out = tmp_path / "bf16"
+    args = [*TINY, "--estimator", "grpo", "--steps", "2", "--out-dir", str(out), "--bf16", "--update-bf16",
+            "--minibatches", "2"]  # two minibatches: old log-probs come from a separate no-grad bf16 forward
+    assert main(["train", *args]) == 0
+    rows = read_metrics(out)[1:]
+    assert len(rows) == 2
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("loss/pg", "loss/total", "pg/approx_kl", "grad_norm"))
 
 
 def _strip_times(rows):
