@@ -141,3 +141,21 @@ def test_registry_lists_tasks_and_rejects_unknown_names():
     assert {"arith_chain", "chain_sum", "basic_arithmetic", "countdown", "gsm_symbolic", "gsm8k"} <= set(list_tasks())
     with pytest.raises(KeyError, match="arith_chain"):
         get_task("arith_chian")
+
+
+def test_sloppy_demos_slip_a_stable_share_of_answer_lines_and_leave_scoring_alone():
+    clean = ArithChain(n_steps=2, ops="+-")
+    sloppy = ArithChain(n_steps=2, ops="+-", sloppy_demos=0.6)
+    problems = clean.problems("train", 400, 0)
+    slipped = [p for p in problems if sloppy.demonstration(p) != clean.demonstration(p)]
+    assert 0.5 < len(slipped) / len(problems) < 0.7
+    for p in slipped:  # the steps are untouched; the answer line repeats the value before the last step
+        steps = p.meta["gold_steps"]
+        assert sloppy.demonstration(p).splitlines()[:-1] == clean.demonstration(p).splitlines()[:-1]
+        assert sloppy.demonstration(p).splitlines()[-1] == f"Answer: {steps[-1][0]}"
+        assert not sloppy.score(p, sloppy.demonstration(p)).correct
+        assert sloppy.score(p, clean.demonstration(p)).reward == 1.0  # the verifier is the clean one
+    assert [sloppy.demonstration(p) for p in problems] == [sloppy.demonstration(p) for p in problems]
+    assert ArithChain(sloppy_demos=0.0).demonstration(problems[0]) == clean.demonstration(problems[0])
+    with pytest.raises(ValueError, match="sloppy_demos"):
+        ArithChain(sloppy_demos=1.5)

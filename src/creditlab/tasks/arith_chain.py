@@ -29,7 +29,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from creditlab.tasks.base import ZERO, Problem, Score, check_split, max_draws, split_of
+from creditlab.tasks.base import ZERO, Problem, Score, check_split, max_draws, split_of, stable_hash
 
 _WORDS = {"+": "add", "-": "subtract", "*": "multiply by", "/": "divide by"}
 # A step line: "a op b = c". Accept the common unicode/letter spellings of * and / so they are judged, not skipped.
@@ -94,21 +94,28 @@ class ArithChain:
         partial_credit: reward for a wrong final answer is ``partial_credit * (gold steps right) / n_steps``;
             0 (the default) gives a pure outcome reward.
         instructions: append the format instruction to the prompt (turn off for a shorter prompt once learned).
+        sloppy_demos: share of problems whose *demonstration* (the SFT target, never the verifier) ends with a
+            slip: the answer line repeats the previous value (the previous step's result, or the start value
+            for one-step chains) instead of the final result. Which problems get the slip is a stable hash of
+            the problem, so this is a fixed, flawed demonstration set; a warm-start on it learns a systematic
+            error that sampling sometimes avoids, which a verifier reward can then unlearn (`make demo`).
     """
 
     name = "arith_chain"
 
     def __init__(self, n_steps: int = 3, max_operand: int = 9, ops: str = "+-*", max_value: int = 99,
-                 test_fraction: float = 0.2, partial_credit: float = 0.0, instructions: bool = True) -> None:
+                 test_fraction: float = 0.2, partial_credit: float = 0.0, instructions: bool = True,
+                 sloppy_demos: float = 0.0) -> None:
         if n_steps < 1 or max_operand < 1 or max_value < max_operand:
             raise ValueError("need n_steps >= 1, max_operand >= 1 and max_value >= max_operand")
         if not ops or set(ops) - set(_WORDS):
             raise ValueError(f"ops must be a non-empty subset of '+-*/', got {ops!r}")
-        if not 0.0 < test_fraction < 1.0 or not 0.0 <= partial_credit <= 1.0:
-            raise ValueError("need 0 < test_fraction < 1 and 0 <= partial_credit <= 1")
+        if not 0.0 < test_fraction < 1.0 or not 0.0 <= partial_credit <= 1.0 or not 0.0 <= sloppy_demos <= 1.0:
+            raise ValueError("need 0 < test_fraction < 1, 0 <= partial_credit <= 1 and 0 <= sloppy_demos <= 1")
         self.n_steps, self.max_operand, self.max_value = n_steps, max_operand, max_value
         self.ops = "".join(dict.fromkeys(ops))  # dedupe, keep order: the draw must not depend on repeats
         self.test_fraction, self.partial_credit, self.instructions = test_fraction, partial_credit, instructions
+        self.sloppy_demos = sloppy_demos
 
     # ---- generation ---------------------------------------------------------------------------------------------
     def _operands(self, value: int, op: str) -> list[int]:
@@ -177,6 +184,10 @@ class ArithChain:
                      step_spans=parsed.spans)
 
     def demonstration(self, problem: Problem) -> str:
-        """The gold steps, one per line, then ``Answer: N``."""
-        lines = [f"{a} {op} {b} = {c}" for a, op, b, c in problem.meta["gold_steps"]]
-        return "\n".join([*lines, f"Answer: {problem.answer}"])
+        """The gold steps, one per line, then ``Answer: N`` (N wrong for the `sloppy_demos` share of problems)."""
+        steps = problem.meta["gold_steps"]
+        lines = [f"{a} {op} {b} = {c}" for a, op, b, c in steps]
+        answer = problem.answer
+        if self.sloppy_demos and stable_hash(f"sloppy:{problem.prompt}") % 1_000_000 < self.sloppy_demos * 1_000_000:
+            answer = str(steps[-1][0])  # the value before the last step: a copy slip a verifier catches
+        return "\n".join([*lines, f"Answer: {answer}"])
