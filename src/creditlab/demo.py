@@ -1,5 +1,18 @@
 """`make demo`: warm-start `tiny` on `arith_chain`, then RL-train it with `grpo` and one other estimator and
-print held-out greedy accuracy before and after each. Sized for a 2-core machine (~10 minutes in all)."""
+print held-out greedy accuracy before and after each. Sized for a 2-core machine (~6 minutes in all).
+
+The warm-start imitates a flawed demonstration set: in 60% of the demonstrations (a fixed set, chosen by a hash of
+the problem) the answer line repeats the value before the last step instead of the final result
+(`arith_chain`'s `sloppy_demos`). The supervised policy learns that slip as its most likely answer, so its greedy
+accuracy starts low although its step arithmetic is often right; sampling still writes the right answer line
+sometimes, and the verifier's reward (which knows nothing of the slip) lets RL unlearn it. The demo also counts
+the greedy responses whose answer line is the slip, before and after, so you can see what RL fixed.
+
+On this task with *clean* demonstrations, 30-60 RL steps do not raise this 2-layer character model's held-out
+accuracy (we tried lr 1e-4 to 1e-3, temperature 0.7 and 1, KL, partial credit, 512 samples per step): what
+remains after SFT is arithmetic spread over hundreds of facts, which RL at this scale and sample budget does
+not improve faster than its noise. A systematic error shared by all problems is what a few RL steps can fix.
+"""
 
 from __future__ import annotations
 
@@ -8,41 +21,71 @@ import shutil
 import time
 from pathlib import Path
 
+from creditlab.policy import Policy, load_policy
+from creditlab.rollout.hf import SamplingConfig, generate
+from creditlab.tasks import Problem, get_task
+from creditlab.tasks.arith_chain import parse_response
 from creditlab.train.config import EvalConfig, LogConfig, OptimConfig, RolloutConfig, RunConfig, SFTConfig, TrainConfig
 from creditlab.train.loop import train
 from creditlab.train.sft import sft
 
 TASK = "arith_chain"
-TASK_KWARGS = json.dumps({"n_steps": 2, "ops": "+-"})  # two-step +/- chains: a 2-layer char model gets ~16%
-SFT_STEPS = 200
-RL_STEPS = 30
+TASK_KWARGS = json.dumps({"n_steps": 2, "ops": "+-", "instructions": False, "sloppy_demos": 0.6})
+SFT_STEPS = 600
+RL_STEPS = 60
+EVAL_PROBLEMS = 128
 
 
-def demo_train_config(policy_dir: str, estimator: str, out_dir: str, seed: int, steps: int = RL_STEPS) -> TrainConfig:
+def demo_train_config(policy_dir: str, estimator: str, out_dir: str, seed: int, steps: int = RL_STEPS,
+                      eval_problems: int = EVAL_PROBLEMS) -> TrainConfig:
     return TrainConfig(
         run=RunConfig(task=TASK, task_kwargs=TASK_KWARGS, policy=policy_dir, estimator=estimator, out_dir=out_dir,
                       seed=seed, steps=steps),
-        rollout=RolloutConfig(prompts_per_step=16, group_size=8, temperature=0.7, max_new_tokens=40),
-        optim=OptimConfig(lr=1e-4),  # 5e-4 collapsed the warm-started policy (reward -> 0) in our runs
-        eval=EvalConfig(eval_every=10, eval_problems=128),
+        rollout=RolloutConfig(prompts_per_step=16, group_size=8, temperature=1.0, max_new_tokens=40),
+        optim=OptimConfig(lr=1e-4),  # 2e-4 rose too but less steadily; 1e-3 collapses the warm-started policy
+        eval=EvalConfig(eval_every=20, eval_problems=eval_problems),
         log=LogConfig(checkpoint_every=steps, progress=True),
     )
 
 
-def run_demo(out_root: str = "runs/demo", seed: int = 0, other: str = "tempo") -> list[dict]:
+def answer_slips(policy: Policy, problems: list[Problem]) -> tuple[int, int]:
+    """(correct, slipped): greedy responses whose answer is right / repeats the value before the last step."""
+    task = get_task(TASK, **json.loads(TASK_KWARGS))
+    batch = generate(policy, [policy.format_prompt(p.prompt) for p in problems], 1,
+                     SamplingConfig(temperature=0.0, max_new_tokens=40), seed=0)
+    correct = slipped = 0
+    for p, text in zip(problems, batch.texts):
+        correct += task.score(p, text).correct
+        slipped += parse_response(text).answer == p.meta["gold_steps"][-1][0]
+    return correct, slipped
+
+
+def run_demo(out_root: str = "runs/demo", seed: int = 0, other: str = "tempo", *, sft_steps: int = SFT_STEPS,
+             rl_steps: int = RL_STEPS, eval_problems: int = EVAL_PROBLEMS) -> list[dict]:
+    """Run the demo and print its table; the size knobs exist for the smoke test."""
     root = Path(out_root)
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
-    print(f"\n[1/3] warm-starting tiny on {TASK} ({SFT_STEPS} supervised steps) ...", flush=True)
+    held_out = get_task(TASK, **json.loads(TASK_KWARGS)).problems("test", eval_problems, seed)  # what train() uses
+    print(f"\n[1/3] warm-starting tiny on {TASK} ({sft_steps} supervised steps on demonstrations whose answer line "
+          "is a slip 60% of the time) ...", flush=True)
     s = sft(SFTConfig(task=TASK, task_kwargs=TASK_KWARGS, policy="tiny", out_dir=str(root / "sft-tiny"), seed=seed,
-                      steps=SFT_STEPS))
+                      steps=sft_steps, eval_problems=eval_problems, max_new_tokens=40))
     print(f"      held-out greedy accuracy after warm-start: {s['accuracy']:.3f} ({s['seconds']:.0f} s)", flush=True)
+    slips = {"sft": answer_slips(load_policy(s["out_dir"]), held_out)}
     results = []
     for i, est in enumerate(("grpo", other), start=2):
-        print(f"\n[{i}/3] RL with {est} for {RL_STEPS} steps ...", flush=True)
-        results.append({"estimator": est, **train(demo_train_config(s["out_dir"], est, str(root / est), seed))})
-    print(f"\nheld-out greedy accuracy on {TASK} {TASK_KWARGS} (total {time.perf_counter() - t0:.0f} s)")
-    print(f"{'estimator':<12} {'before':>7} {'after':>7}  run directory")
+        print(f"\n[{i}/3] RL with {est} for {rl_steps} steps ...", flush=True)
+        r = train(demo_train_config(s["out_dir"], est, str(root / est), seed, rl_steps, eval_problems))
+        slips[est] = answer_slips(load_policy(str(Path(r["run_dir"]) / "policy")), held_out)
+        results.append({"estimator": est, **r})
+    n = len(held_out)
+    print(f"\nheld-out greedy accuracy on {TASK} {TASK_KWARGS}, {n} problems (total {time.perf_counter() - t0:.0f} s)")
+    print(f"{'estimator':<12} {'before':>7} {'after':>7}  {'answer-line slips':>17}  run directory")
     for r in results:
-        print(f"{r['estimator']:<12} {r['initial_accuracy']:>7.3f} {r['final_accuracy']:>7.3f}  {r['run_dir']}")
+        before, after = slips["sft"][1], slips[r["estimator"]][1]
+        print(f"{r['estimator']:<12} {r['initial_accuracy']:>7.3f} {r['final_accuracy']:>7.3f}  "
+              f"{before:>7} -> {after:<7}  {r['run_dir']}")
+    print(f"(warm-started policy: {root / 'sft-tiny'}; `creditlab inspect <run directory>` shows where the credit "
+          "went)")
     return results

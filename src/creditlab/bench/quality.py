@@ -67,7 +67,7 @@ class QualityConfig:
     seed: int = 0  # seeds problems, sampling and the bootstrap
     resamples: int = 1000  # bootstrap resamples over responses (95 percent intervals)
     estimators: str = ""  # comma-separated estimator names (default: every registered estimator)
-    sft_steps: int = 0  # warm-start steps when no --policy is given (0 = the demo's SFT_STEPS)
+    sft_steps: int = 0  # warm-start steps when no --policy is given (0 = BENCH_SFT_STEPS)
 
 
 # ------------------------------------------------------------------------------------------------ AUROC
@@ -172,7 +172,8 @@ def fill_signals(batch: RolloutBatch, ctx: Any) -> RolloutBatch:
 
 def sample_scored_batch(policy: Any, cfg: QualityConfig) -> tuple[RolloutBatch, list[Any], Any]:
     """(batch with rewards and every signal, scores per row, signal context) for cfg.prompts × cfg.group_size."""
-    from creditlab.demo import TASK, TASK_KWARGS
+    from creditlab.bench.learning import BENCH_TASK as TASK
+    from creditlab.bench.learning import BENCH_TASK_KWARGS as TASK_KWARGS
     from creditlab.rollout.hf import SamplingConfig, generate
     from creditlab.signals.produce import SignalContext
     from creditlab.tasks import get_task
@@ -241,9 +242,11 @@ def score_estimators(batch: RolloutBatch, before: Tensor, wrong: Tensor, names: 
 
 
 def warm_start(out: Path, seed: int, steps: int = 0) -> str:
-    """A tiny policy warm-started like `bench --preset quick` (creditlab.demo's settings), cached in `out`."""
+    """A tiny policy warm-started like `bench --preset quick` (the benchmarks' fixed settings), cached in `out`."""
+    from creditlab.bench.learning import BENCH_SFT_STEPS as SFT_STEPS
+    from creditlab.bench.learning import BENCH_TASK as TASK
+    from creditlab.bench.learning import BENCH_TASK_KWARGS as TASK_KWARGS
     from creditlab.bench.learning import cached_sft
-    from creditlab.demo import SFT_STEPS, TASK, TASK_KWARGS
     from creditlab.train.config import SFTConfig
 
     cached_sft(SFTConfig(task=TASK, task_kwargs=TASK_KWARGS, policy="tiny", out_dir=str(out), seed=seed,
@@ -316,8 +319,9 @@ def format_table(rows: Sequence[QualityRow]) -> str:
 
 
 def format_report(rows: Sequence[QualityRow], stats: dict[str, Any], cfg: QualityConfig, policy_dir: str) -> str:
+    from creditlab.bench.learning import BENCH_TASK as TASK
+    from creditlab.bench.learning import BENCH_TASK_KWARGS as TASK_KWARGS
     from creditlab.bench.learning import environment
-    from creditlab.demo import TASK, TASK_KWARGS
 
     env = environment()
     return "\n".join([
