@@ -14,6 +14,10 @@ Which distribution the numbers refer to (one convention, used by all three funct
   rollout values are bf16-noisy: use them as signals, never as PPO's old log-probs.
 - `certainty` (logsumexp(z) - mean(z)) and `token_logits` (z of the sampled token) use the raw logits z.
 
+A prompt shared by n samples runs through the model once: `generate` and `continue_from` prefill each distinct
+prompt/prefix and index its KV cache out to the n rows, and `sequence_logprobs(share_prompts=True)` (the default)
+does the same for the trainer's forward/backward, where it removes (G - 1) / G of the prompt tokens.
+
 The sampling loop is hand-written rather than `model.generate`: it needs the full next-token distribution at
 every step for the signals, a private `torch.Generator` (determinism without touching the global RNG), and the
 same code serves prompts and arbitrary prefixes.
