@@ -1,5 +1,5 @@
 """`make demo`: warm-start `tiny` on `arith_chain`, then RL-train it with `grpo` and one other estimator and
-print held-out greedy accuracy before and after each. Sized for a 2-core machine (~6 minutes in all).
+print held-out greedy accuracy before and after each. Sized for a 2-core machine (~3-4 minutes in all).
 
 The warm-start imitates a flawed demonstration set: in 60% of the demonstrations (a fixed set, chosen by a hash of
 the problem) the answer line repeats the value before the last step instead of the final result
@@ -42,22 +42,17 @@ def demo_train_config(policy_dir: str, estimator: str, out_dir: str, seed: int, 
         run=RunConfig(task=TASK, task_kwargs=TASK_KWARGS, policy=policy_dir, estimator=estimator, out_dir=out_dir,
                       seed=seed, steps=steps),
         rollout=RolloutConfig(prompts_per_step=16, group_size=8, temperature=1.0, max_new_tokens=40),
-        optim=OptimConfig(lr=1e-4),  # 2e-4 rose too but less steadily; 1e-3 collapses the warm-started policy
+        optim=OptimConfig(lr=1e-4),  # 2e-4 rose too but less steadily; 1e-3 collapsed warm-started policies
         eval=EvalConfig(eval_every=20, eval_problems=eval_problems),
         log=LogConfig(checkpoint_every=steps, progress=True),
     )
 
 
-def answer_slips(policy: Policy, problems: list[Problem]) -> tuple[int, int]:
-    """(correct, slipped): greedy responses whose answer is right / repeats the value before the last step."""
-    task = get_task(TASK, **json.loads(TASK_KWARGS))
+def answer_slips(policy: Policy, problems: list[Problem]) -> int:
+    """How many greedy responses answer with the demonstrations' slip (the value before the last step)."""
     batch = generate(policy, [policy.format_prompt(p.prompt) for p in problems], 1,
                      SamplingConfig(temperature=0.0, max_new_tokens=40), seed=0)
-    correct = slipped = 0
-    for p, text in zip(problems, batch.texts):
-        correct += task.score(p, text).correct
-        slipped += parse_response(text).answer == p.meta["gold_steps"][-1][0]
-    return correct, slipped
+    return sum(parse_response(text).answer == p.meta["gold_steps"][-1][0] for p, text in zip(problems, batch.texts))
 
 
 def run_demo(out_root: str = "runs/demo", seed: int = 0, other: str = "tempo", *, sft_steps: int = SFT_STEPS,
@@ -83,7 +78,7 @@ def run_demo(out_root: str = "runs/demo", seed: int = 0, other: str = "tempo", *
     print(f"\nheld-out greedy accuracy on {TASK} {TASK_KWARGS}, {n} problems (total {time.perf_counter() - t0:.0f} s)")
     print(f"{'estimator':<12} {'before':>7} {'after':>7}  {'answer-line slips':>17}  run directory")
     for r in results:
-        before, after = slips["sft"][1], slips[r["estimator"]][1]
+        before, after = slips["sft"], slips[r["estimator"]]
         print(f"{r['estimator']:<12} {r['initial_accuracy']:>7.3f} {r['final_accuracy']:>7.3f}  "
               f"{before:>7} -> {after:<7}  {r['run_dir']}")
     print(f"(warm-started policy: {root / 'sft-tiny'}; `creditlab inspect <run directory>` shows where the credit "

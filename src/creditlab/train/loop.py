@@ -163,7 +163,7 @@ def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | No
         perm = torch.randperm(batch.B, generator=gen)
         for idx in perm.chunk(o.minibatches):
             mask = batch.response_mask[idx]
-            with autocast():  # same precision as old_logp, so the first epoch's ratio is exactly 1
+            with autocast():  # the precision old_logp used, so the first ratio is 1 up to float noise
                 logp, _ = sequence_logprobs(model, *(a[idx] for a in args), temperature=temp)
             old = old_logp[idx] if old_logp is not None else logp.detach()
             pg_loss, m = ppo_clip_loss(logp, old, advantages[idx], mask, clip_low=o.clip_low, clip_high=o.clip_high,
