@@ -136,10 +136,13 @@ class ImplicitPRMScorer(Scorer):
         if batch.prompt_ids is None or batch.prompt_mask is None:
             raise ValueError("the implicit PRM needs RolloutBatch.prompt_ids/prompt_mask (from the rollout engine)")
         args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        # One forward per row (no prompt sharing): the shared-prompt path's last bits depend on the module's
+        # requires_grad state (we measured 5e-7 between a trainable and a frozen copy of one model), and
+        # π_φ = π_ref at initialisation must give q ≡ 0 exactly.
         with torch.no_grad():
-            ref_logp, _ = sequence_logprobs(self.ref, *args, temperature=self.temperature)
+            ref_logp, _ = sequence_logprobs(self.ref, *args, temperature=self.temperature, share_prompts=False)
         with torch.set_grad_enabled(grad):
-            prm_logp, _ = sequence_logprobs(self.prm, *args, temperature=self.temperature)
+            prm_logp, _ = sequence_logprobs(self.prm, *args, temperature=self.temperature, share_prompts=False)
         return prm_logp, ref_logp
 
     def _step_ids(self, batch: RolloutBatch, ctx: Any) -> Tensor:
