@@ -1,0 +1,81 @@
+"""Where the vs_trl speed-up comes from: one SmolLM2 batch, timed through each path of the update and the sampler.
+
+    python benchmarks/speed_update.py --threads 1            # update paths, then sampling paths (~6 min)
+    python benchmarks/speed_update.py --only update
+
+One batch of the vs_trl setting (8 one-digit `chain_sum` prompts × 4 samples × 40 new tokens, SmolLM2-135M-Instruct
+with its chat template) is sampled once; then, in one process, each variant runs once untimed and `--repeats`
+times timed (the minimum is printed):
+  update   `sequence_logprobs` forward + backward: one forward per row / shared prompts, each in fp32 and under bf16
+           autocast (fp32 weights);
+  sample   `generate` for the same prompts: fp32, bf16 autocast, and a pure-bf16 copy of the model.
+Ratios within one run are what to compare; absolute seconds move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from creditlab.policy import load_policy
+from creditlab.rollout.hf import SamplingConfig, generate, sequence_logprobs
+from creditlab.tasks import get_task
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--only", choices=["update", "sample"], default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy = load_policy("smollm2")
+    problems = get_task("chain_sum", digits=1, terms=2).problems("train", 8, 0)
+    prompts = [policy.format_prompt(q.prompt) for q in problems]
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=40, bf16=True)
+    batch = generate(policy, prompts, 4, cfg, seed=0)
+    print(f"batch: {batch.B} rows, prompt width {batch.prompt_ids.shape[1]}, response width {batch.T}, "
+          f"{torch.get_num_threads()} threads")
+    tensors = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+
+    if args.only in (None, "update"):
+        for bf16 in (False, True):
+            for share in (False, True):
+                def step(share: bool = share, bf16: bool = bf16) -> None:
+                    policy.model.zero_grad(set_to_none=True)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        logp, _ = sequence_logprobs(policy.model, *tensors, share_prompts=share)
+                    logp.sum().backward()
+                name = f"update {'bf16 autocast' if bf16 else 'fp32'}, {'shared prompts' if share else 'one per row'}"
+                print(f"{name:<45} {best_of(step, args.repeats):7.2f} s", flush=True)
+    if args.only in (None, "sample"):
+        for bf16 in (False, True):
+            s = dataclasses.replace(cfg, bf16=bf16)
+            t = best_of(lambda s=s: generate(policy, prompts, 4, s, seed=0), args.repeats)
+            print(f"{'sample ' + ('bf16 autocast' if bf16 else 'fp32'):<45} {t:7.2f} s", flush=True)
+        shadow = dataclasses.replace(policy, model=copy.deepcopy(policy.model).to(torch.bfloat16))
+        t = best_of(lambda: generate(shadow, prompts, 4, dataclasses.replace(cfg, bf16=False), seed=0), args.repeats)
+        print(f"{'sample pure-bf16 model copy':<45} {t:7.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
