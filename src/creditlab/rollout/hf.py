@@ -86,7 +86,7 @@ def generate(policy: Policy, prompts: list[str], n: int, cfg: SamplingConfig, *,
     prompt_ids, prompt_mask = prompt_ids[expand], prompt_mask[expand]  # [B, P]
     texts = [policy.tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
              for row, m in zip(out.tokens, out.mask)]
-    group_ids = group_offset + torch.arange(len(prompts), device=device).repeat_interleave(n)  # [B]
+    group_ids = group_offset + expand  # [B]
     return RolloutBatch(
         response_ids=out.tokens, response_mask=out.mask, group_ids=group_ids,
         rewards=torch.zeros(len(texts), device=device), prompt_ids=prompt_ids, prompt_mask=prompt_mask,
