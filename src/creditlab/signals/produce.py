@@ -21,16 +21,29 @@ from creditlab.signals.prm import oracle_step_rewards
 
 @dataclass
 class SignalContext:
-    """What producers may read besides the batch: the policy (tokenizer), the problems and their scores."""
+    """What producers may read besides the batch: the policy (tokenizer), the problems and their scores.
+
+    ``task`` scores continuations (Monte-Carlo producers), ``seed`` seeds any sampling a producer does, ``cfg`` is
+    the run's `TrainConfig` (None outside the trainer). ``counters`` collects work done beyond the policy's own
+    samples (``count("samples/extra", n)``): the trainer logs them and adds ``samples/extra`` to its sample count.
+    """
 
     policy: Any
     problems: Sequence[Any] = ()
     scores: Sequence[Any] = ()
     extra: dict[str, float] = field(default_factory=dict)
+    task: Any = None
+    seed: int = 0
+    cfg: Any = None
+    counters: dict[str, float] = field(default_factory=dict)
+
+    def count(self, name: str, n: float) -> None:
+        """Add `n` to counter `name` (e.g. ``samples/extra``, ``tokens/extra``)."""
+        self.counters[name] = self.counters.get(name, 0.0) + float(n)
 
     def metrics(self, batch: RolloutBatch) -> dict[str, float]:
         """Run-level signal diagnostics logged every step (semantic entropy for every run, as HICRA asks)."""
-        out = dict(self.extra)
+        out = {**self.extra, **self.counters}
         if batch.texts is not None:
             from creditlab.signals.strategic import semantic_entropy
 

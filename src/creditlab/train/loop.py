@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,9 @@ from creditlab.credit.metrics import advantage_metrics
 from creditlab.policy import Policy, load_policy
 from creditlab.registry import get_estimator, get_spec
 from creditlab.rollout.hf import SamplingConfig, generate, sequence_logprobs
-from creditlab.signals.prm import get_scorer, is_online, produce_step_signals
 from creditlab.signals.produce import SignalContext, produce_signals
 from creditlab.tasks import Problem, Task, get_task
+from creditlab.train.components import Component, build_components, build_rollout
 from creditlab.train.config import TrainConfig
 from creditlab.train.losses import aggregate, kl_penalty, ppo_clip_loss
 
@@ -59,14 +60,16 @@ def evaluate(policy: Policy, task: Task, problems: list[Problem], *, max_new_tok
 
 
 # ------------------------------------------------------------------ checkpoints
-def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, optim: torch.optim.Optimizer) -> Path:
+def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, optim: torch.optim.Optimizer,
+                    components: Sequence[Component] = ()) -> Path:
     """Write ckpt-<step>/ completely, then point `latest` at it atomically, then drop older checkpoints."""
     final = run_dir / f"ckpt-{state.step:06d}"
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with open(tmp / "state.pt", "wb") as f:
-        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "state": dataclasses.asdict(state)}, f)
+        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "state": dataclasses.asdict(state),
+                    "components": {c.name: c.state_dict() for c in components}}, f)
         f.flush()
         os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
@@ -84,13 +87,17 @@ def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, op
     return final
 
 
-def load_checkpoint(run_dir: Path, model: torch.nn.Module, optim: torch.optim.Optimizer) -> TrainState:
+def load_checkpoint(run_dir: Path, model: torch.nn.Module, optim: torch.optim.Optimizer,
+                    components: Sequence[Component] = ()) -> TrainState:
     pointer = run_dir / "latest"
     if not pointer.exists():
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (missing {pointer})")
     blob = torch.load(run_dir / pointer.read_text().strip() / "state.pt", weights_only=False)
     model.load_state_dict(blob["model"])
     optim.load_state_dict(blob["optim"])
+    saved = blob.get("components", {})
+    for c in components:
+        c.load_state_dict(saved.get(c.name, {}))
     return TrainState(**blob["state"])
 
 
@@ -140,7 +147,8 @@ def dump_samples(path: Path, policy: Policy, batch: RolloutBatch, advantages: to
 
 # ------------------------------------------------------------------ one RL step
 def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | None, optim: torch.optim.Optimizer,
-               batch: RolloutBatch, advantages: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+               batch: RolloutBatch, advantages: torch.Tensor, gen: torch.Generator,
+               components: Sequence[Component] = ()) -> dict[str, float]:
     o, model = cfg.optim, policy.model
     model.train()
     temp = cfg.rollout.temperature
@@ -174,6 +182,9 @@ def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | No
                                norm_constant=norm_constant)
                 loss = loss + o.kl_coef * kl
                 m["loss/kl"] = float(kl.detach())
+            for component in components:  # e.g. a value head on the policy's trunk joins this backward
+                extra, extra_m = component.loss(batch, idx, {"logp": logp})
+                loss, m = loss + extra, {**m, **extra_m}
             optim.zero_grad(set_to_none=True)
             loss.backward()
             m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm))
@@ -186,22 +197,18 @@ def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | No
 
 
 def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[dict[str, float], RolloutBatch, Any]:
-    policy, task, pool = ctx["policy"], ctx["task"], ctx["pool"]
+    policy, task, pool, components = ctx["policy"], ctx["task"], ctx["pool"], ctx["components"]
     r = cfg.rollout
     seed = step_seed(cfg.run.seed, state.step + 1)
     gen = torch.Generator().manual_seed(seed)
     problems = [pool[i] for i in torch.randint(len(pool), (r.prompts_per_step,), generator=gen).tolist()]
     t0 = time.perf_counter()
     policy.model.eval()
-    sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, bf16=r.bf16)
-    batch = generate(policy, [policy.format_prompt(p.prompt) for p in problems], r.group_size, sampling, seed=seed)
+    batch, scores = ctx["rollout"].collect(policy, task, problems, r, seed=seed)
     t1 = time.perf_counter()
-    scores = [task.score(problems[g], text) for g, text in zip(batch.group_ids.tolist(), batch.texts)]
-    batch = batch.replace(rewards=torch.tensor([s.reward for s in scores], dtype=torch.float32))
-    signal_ctx = SignalContext(policy=policy, problems=problems, scores=scores)
-    scorer = ctx["scorer"]
-    if scorer is not None:
-        batch = produce_step_signals(batch, scorer, signal_ctx)
+    signal_ctx = SignalContext(policy=policy, problems=problems, scores=scores, task=task, seed=seed, cfg=cfg)
+    for component in components:
+        batch = component.produce(batch, signal_ctx)
     if "ref_logprobs" in ctx["needs"] and batch.ref_logprobs is None and ctx["ref_model"] is not None:
         with torch.no_grad():
             ref_logp, _ = sequence_logprobs(ctx["ref_model"], batch.prompt_ids, batch.prompt_mask, batch.response_ids,
@@ -213,11 +220,10 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
     t3 = time.perf_counter()
     for group in ctx["optim"].param_groups:  # a function of the step alone, so --resume needs no scheduler state
         group["lr"] = cfg.optim.lr * min(1.0, (state.step + 1) / max(cfg.optim.warmup_steps, 1))
-    metrics = ppo_update(cfg, policy, ctx["ref_model"], ctx["optim"], batch, credit.advantages, gen)
-    if scorer is not None:
-        if is_online(scorer):  # after the policy step, as OPRL/iStar orders it
-            metrics.update(scorer.update(batch, signal_ctx))
-        metrics.update(scorer.metrics())
+    metrics = ppo_update(cfg, policy, ctx["ref_model"], ctx["optim"], batch, credit.advantages, gen, components)
+    for component in components:  # online parts train after the policy step, as OPRL/iStar orders it
+        metrics.update(component.update(batch, signal_ctx, credit))
+        metrics.update(component.metrics())
     t4 = time.perf_counter()
     mask = batch.response_mask
     lengths = mask.sum(1).float()
@@ -228,7 +234,8 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
         if batch.entropies is not None else 0.0,
         "response/length": float(lengths.mean()),
         "response/truncated_frac": float((lengths >= r.max_new_tokens).float().mean()),
-        "samples": state.samples + batch.B, "optim/lr": ctx["optim"].param_groups[0]["lr"],
+        "samples": state.samples + batch.B + int(signal_ctx.counters.get("samples/extra", 0)),
+        "optim/lr": ctx["optim"].param_groups[0]["lr"],
         "time/rollout": t1 - t0, "time/signals": t2 - t1, "time/credit": t3 - t2, "time/update": t4 - t3,
         "time/step": t4 - t0,
         **advantage_metrics(credit.advantages, mask), **credit.metrics,
@@ -257,14 +264,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.optim.kl_coef > 0 or "ref_logprobs" in spec.needs:
         ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     optim = torch.optim.AdamW(policy.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    state = load_checkpoint(run_dir, policy.model, optim) if cfg.run.resume and (run_dir / "latest").exists() \
-        else TrainState()
+    components = build_components(cfg, spec, policy, task)
+    state = load_checkpoint(run_dir, policy.model, optim, components) \
+        if cfg.run.resume and (run_dir / "latest").exists() else TrainState()
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     logger = Logger(run_dir, tensorboard=cfg.log.tensorboard, keep_until=state.step)
     ctx = {"policy": policy, "task": task, "ref_model": ref_model, "optim": optim,
            "pool": task.problems("train", cfg.run.train_pool, cfg.run.seed), "needs": spec.needs,
-           "est_kwargs": cfg.estimator_kwargs(),
-           "scorer": get_scorer(cfg.run.scorer, **cfg.scorer_kwargs()) if cfg.run.scorer else None}
+           "est_kwargs": cfg.estimator_kwargs(), "rollout": build_rollout(cfg, task), "components": components}
     held_out = task.problems("test", cfg.eval.eval_problems, cfg.run.seed)
     evaluate_now = lambda: evaluate(policy, task, held_out, max_new_tokens=cfg.rollout.max_new_tokens)  # noqa: E731
     if state.step == 0:
@@ -282,7 +289,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.log.sample_every and (state.step % cfg.log.sample_every == 0 or state.step == 1):
             dump_samples(run_dir / "samples" / f"step_{state.step:06d}.json", policy, batch, credit.advantages)
         if state.step % cfg.log.checkpoint_every == 0 or state.step == cfg.run.steps:
-            save_checkpoint(run_dir, state, policy.model, optim)
+            save_checkpoint(run_dir, state, policy.model, optim, components)
         if bar is not None:
             bar.update(1)
             acc = metrics.get("eval/accuracy", float("nan"))
