@@ -11,7 +11,7 @@ from creditlab.credit.outcome import group_advantage
 from creditlab.registry import estimator
 
 
-@estimator("stratified", needs=("strata",))
+@estimator("stratified", needs=("strata",), ranges={"alpha": "[0, 1]", "eps": "[0, inf)"})
 def stratified(batch: RolloutBatch, *, alpha: float = 1.0, eps: float = 1e-6, within_group: bool = True,
                singleton: Singleton = "zero") -> Credit:
     """Stratified GRPO: Stratified Advantage Normalization (SAN), blended with ordinary GRPO.
@@ -30,8 +30,6 @@ def stratified(batch: RolloutBatch, *, alpha: float = 1.0, eps: float = 1e-6, wi
     produces NaN) and a zero-variance cell gets exactly 0; `singleton` applies to the GRPO (A^GN) part only.
     Metric credit/singleton_stratum_frac: fraction of rows alone in their cell.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"stratified needs 0 <= alpha <= 1, got {alpha}")
     strata = batch.strata
     if within_group:
         cells = torch.unique(torch.stack([batch.group_ids, strata], 1), dim=0, return_inverse=True)[1]  # [B]
