@@ -40,9 +40,9 @@ import torch
 
 from creditlab.batch import FIELDS, Credit, RolloutBatch
 
-# Above this magnitude an input or a hyper-parameter is "very large": a non-finite output is then reported as a
-# float32 overflow that names it, not as a bug.
-_LARGE = 1e6
+# Above this magnitude an input or a hyper-parameter counts as large: a non-finite output is then reported as a
+# float32 overflow that names it (a ValueError), not as a bug.
+_LARGE = 100.0
 
 
 class EstimatorFn(Protocol):
@@ -66,9 +66,10 @@ class Interval:
     @classmethod
     def parse(cls, text: str) -> Interval:
         m = _INTERVAL.fullmatch(text)
-        if m is None:
-            raise ValueError(f"range {text!r} is not an interval such as '[0, 1)' or '(0, inf)'")
-        lo, hi = float(m.group(2)), float(m.group(3))
+        try:
+            lo, hi = float(m.group(2)), float(m.group(3))  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            raise ValueError(f"range {text!r} is not an interval such as '[0, 1)' or '(0, inf)'") from None
         if math.isnan(lo) or math.isnan(hi) or lo > hi:
             raise ValueError(f"range {text!r} is empty")
         return cls(lo, hi, m.group(1) == "[", m.group(4) == "]")
@@ -293,21 +294,19 @@ def _check_output(name: str, batch: RolloutBatch, credit: Credit, hyperparams: M
 
 
 def _raise_non_finite(name: str, label: str, batch: RolloutBatch, hyperparams: Mapping[str, Any]) -> None:
-    """Blame very large inputs / hyper-parameters (named) when there are any, else report a bug."""
-    sizes: list[tuple[float, str]] = []
-    for field_name, spec in FIELDS.items():
-        t = getattr(batch, field_name)
-        if spec.kind == "float" and isinstance(t, torch.Tensor) and t.numel():
-            sizes.append((float(t.detach().abs().max()), f"RolloutBatch.{field_name}"))
-    for key, v in hyperparams.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            sizes.append((abs(float(v)), f"hyper-parameter {key}"))
-    big = max(sizes, default=(0.0, ""))
-    if big[0] > _LARGE:
-        raise ValueError(f"estimator {name!r} produced non-finite {label}: a float32 overflow from very large "
-                         f"values (largest: {big[1]} with |x| = {big[0]:.3g}); rescale them")
+    """Name the largest input and hyper-parameter; blame them (ValueError) when one is large, else report a bug."""
+    fields = [(float(t.detach().abs().max()), f"RolloutBatch.{f}") for f, spec in FIELDS.items()
+              if spec.kind == "float" and isinstance(t := getattr(batch, f), torch.Tensor) and t.numel()]
+    params = [(abs(float(v)), f"hyper-parameter {k}") for k, v in hyperparams.items()
+              if isinstance(v, numbers.Real) and not _is_bool(v)]
+    shown = [f"{what} with |x| = {size:.3g}" for size, what in (max(fields, default=(0.0, "")),
+                                                                max(params, default=(0.0, ""))) if what]
+    largest = "largest: " + ", ".join(shown) if shown else "no float inputs"
+    if max(fields + params, default=(0.0, ""))[0] > _LARGE:
+        raise ValueError(f"estimator {name!r} produced non-finite {label}: a float32 overflow from large values "
+                         f"({largest}); rescale them (if they are ordinary, this is a bug: please report it)")
     raise RuntimeError(f"estimator {name!r} produced non-finite {label} from finite inputs of ordinary size "
-                       f"(a bug: please report it)")
+                       f"({largest}; a bug: please report it)")
 
 
 def get_estimator(name: str) -> Callable[..., Credit]:

@@ -192,7 +192,7 @@ def test_capo_invariants():
              for th in (1e-9, 0.5, 1.0)]  # intersection <= majority <= union
     assert fracs == sorted(fracs)
     for w, p in ((1.0, 1.0), (1.0, 2.0), (1.0, -0.1)):
-        with pytest.raises(ValueError, match="w_whole > w_process >= 0|'w_process' must be"):
+        with pytest.raises(ValueError, match=r"w_whole > w_process >= 0|'w_process' must be"):
             get_estimator("capo")(b, w_whole=w, w_process=p)
 
 

@@ -333,7 +333,7 @@ def test_oprl_scorer_divides_by_the_rollout_policy(rollout):
     n_tok = torch.stack([((batch.step_ids == k) & batch.response_mask).sum(1) for k in range(2)], 1)  # [B,2]
     # q = prm - (logprobs - .5) = (prm - logprobs) + .5 ~ .5 per token -> rho_k ~ beta * .5 * tokens(k)
     torch.testing.assert_close(out.step_rewards, 0.05 * 0.5 * n_tok.float(), atol=1e-5, rtol=0)
-    prm_logp, ref_logp = scorer.logprobs(shifted)
+    _, ref_logp = scorer.logprobs(shifted)
     assert torch.equal(ref_logp, shifted.logprobs)
     with pytest.raises(ValueError, match="logprobs"):
         scorer.score_steps(batch.replace(logprobs=None), ctx)
