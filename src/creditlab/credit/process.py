@@ -326,7 +326,8 @@ def capo(batch: RolloutBatch, *, w_whole: float = 2.0, w_process: float = 1.0, f
          eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:
     """CAPO: outcome reward on every token, minus a penalty on the tokens of steps a judge flagged as wrong.
 
-    Paper: CAPO (arXiv 2508.02298); andyclsr/CAPO has a README only. Reconstructed -- verify (methods.md 8.3).
+    Paper: CAPO (arXiv 2508.02298); andyclsr/CAPO has a README and PDFs only (re-checked for issue 11).
+    Reconstructed -- verify (methods.md 8.3).
     Shapes: rewards [B] (verifier r_v in {0,1}), step_rewards [B,S] (judge verdict per step: 1 ok, 0 wrong, or
     the fraction of K critiques that found the step ok), step_ids [B,T] -> advantages [B,T].
     Formula: flagged_k = step_rewards_k < flag_threshold; R[t] = r_v W_whole - 1[t in a flagged step] W_process;
@@ -489,9 +490,10 @@ def tp_grpo(batch: RolloutBatch, *, c_pos: float = 0.5, c_neg: float = 0.5, adap
             eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:
     """TP-GRPO: thought-level rewards from step labels, group-normalized over thoughts. Reconstructed -- verify.
 
-    Paper: Good Learners Think Their Thinking (arXiv 2507.23317); code cs-holder/tp_grpo was not reachable, only
-    the abstract and a summary: contiguous same-label steps merge into thoughts, thought rewards combine with
-    the outcome, and their magnitude adapts to the model's ability. Every formula below is a library choice.
+    Paper: Good Learners Think Their Thinking (arXiv 2507.23317); code cs-holder/tp_grpo was not reachable
+    (re-checked for issue 11), only the abstract and a summary: contiguous same-label steps merge into thoughts,
+    thought rewards combine with the outcome, and their magnitude adapts to the model's ability. Every formula
+    below is a library choice.
     Shapes: step_labels [B,S] (1 correct, 0 incorrect, -1 unlabelled; oracle or judge), step_ids [B,T],
         rewards [B] (outcome in {0,1}) -> advantages [B,T].
     Formula: thoughts = maximal runs of equal labels over valid steps (`merge_thoughts`);

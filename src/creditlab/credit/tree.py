@@ -124,8 +124,9 @@ def tempo(batch: RolloutBatch, *, td_coef: float = 1.0, gate_root: bool = False,
     Defaults: td_coef=1 (assumed; the paper may have no such knob), eps=1e-6, unbiased std.
     `gate_root` (default False, the methods.md formula): True drops the root branch, i.e. delta at each
     response's first token; then with no first token shared inside a group tempo equals grpo exactly.
-    Which choice the paper makes could not be verified (only the abstract and summaries were searchable:
-    "at non-branch tokens the TD term is zero, so TEMPO reduces to GRPO"; the root is a branch there).
+    Which choice the paper makes could not be verified (re-checked for issue 11; only the abstract and
+    summaries were searchable: "at non-branch tokens the TD term is zero, so TEMPO reduces to GRPO"; the root
+    is a branch there).
     Deviations / choices:
     - V is built on the group-standardized reward (R - mu_g)/(sigma_g + eps), which equals the formula
       above and gives exact zeros: a zero-variance group has a = 0 and delta = 0, a singleton group has
