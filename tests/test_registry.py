@@ -104,11 +104,11 @@ def test_declared_ranges_and_annotations_are_checked_at_call_time(scratch_names)
     _params(b, scale=10, k=3, flag=True, mode="b", ids=[0, 5], cap=None)  # all fine (int for float, list for tuple)
     cases = [({"scale": 0.0}, r"'scale' must be a finite real number in \(0, 10\], got 0.0 \(float\)"),
              ({"scale": float("nan")}, "'scale'"), ({"scale": "1"}, "'scale'"), ({"scale": True}, "'scale'"),
-             ({"k": 0}, r"'k' must be an integer in \[1, inf\)"), ({"k": 2.0}, "'k'"),
+             ({"k": 0}, r"'k' must be an int32 integer in \[1, inf\)"), ({"k": 2.0}, "'k'"),
              ({"flag": "true"}, r"'flag' must be a bool \(True or False\), got 'true' \(str\)"),
              ({"flag": 1}, "'flag'"),
              ({"mode": "c"}, r"'mode' must be one of \['a', 'b'\], got 'c'"), ({"ids": (-1,)}, r"each in \[0, inf\)"),
-             ({"cap": 1.5}, "'cap' must be an integer or None"), ({"nope": 1}, "has no hyper-parameter 'nope'")]
+             ({"cap": 1.5}, "'cap' must be an int32 integer or None"), ({"nope": 1}, "has no hyper-parameter 'nope'")]
     for kwargs, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
             _params(b, **kwargs)

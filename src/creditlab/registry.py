@@ -9,7 +9,7 @@ function) does, in order:
 1. **Hyper-parameters**: an unknown keyword, a value of the wrong type or a value outside its
    declared range raises a one-line `ValueError` naming the estimator and the parameter. Types come from the
    estimator's own keyword annotations: `bool` must be a real bool (not the string "false", not 1), `float` a
-   finite real number (an int is fine, a bool or NaN is not), `int` an integer, `Literal[...]` one of its
+   finite real number (an int is fine, a bool or NaN is not), `int` an int32 integer, `Literal[...]` one of its
    choices, `tuple[int, ...]` a list/tuple of integers, `X | None` also None. Ranges are declared per estimator
    in interval notation (`ranges={"alpha": "[0, 1)"}`); checks that tie parameters together stay in the body.
 2. **Batch**: `batch.validate()` and the declared `needs` (a missing field names itself and its producer).
@@ -94,8 +94,11 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_))
 
 
+_INT_LIMIT = 2**31  # integer hyper-parameters (lengths, depths, ids) stay int32: tensor arithmetic cannot overflow
+
+
 def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not _is_bool(value)
+    return isinstance(value, numbers.Integral) and not _is_bool(value) and -_INT_LIMIT <= value < _INT_LIMIT
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,8 @@ class HyperParam:
     has_default: bool = False
 
     def describe(self) -> str:
-        what = {"float": "a finite real number", "int": "an integer", "bool": "a bool (True or False)",
-                "str": "a string", "int_tuple": "a list or tuple of integers", "unchecked": "any value",
+        what = {"float": "a finite real number", "int": "an int32 integer", "bool": "a bool (True or False)",
+                "str": "a string", "int_tuple": "a list or tuple of int32 integers", "unchecked": "any value",
                 "choice": f"one of {list(self.choices)}"}[self.kind]
         if self.interval is not None and self.kind in ("float", "int"):
             what += f" in {self.interval}"
@@ -138,12 +141,16 @@ class HyperParam:
             return isinstance(value, (tuple, list)) and all(_is_int(v) and self._in_range(v) for v in value)
         if self.kind == "int":
             return _is_int(value) and self._in_range(value)
-        # float: any real number but a bool, finite
-        return (isinstance(value, numbers.Real) and not _is_bool(value) and math.isfinite(float(value))
-                and self._in_range(value))
+        # float: any real number but a bool, finite (an int too large for a float is not)
+        if not isinstance(value, numbers.Real) or _is_bool(value):
+            return False
+        try:
+            return math.isfinite(float(value)) and self._in_range(value)
+        except OverflowError:
+            return False
 
     def _in_range(self, value: Any) -> bool:
-        return self.interval is None or float(value) in self.interval
+        return self.interval is None or value in self.interval  # exact comparison, also for huge ints
 
 
 def _kind_of(annotation: Any) -> tuple[Kind, bool, tuple[Any, ...]]:

@@ -23,9 +23,10 @@ BATCH = random_batch(n_groups=3, max_group=4, T=6, seed=0, empty_row_prob=0.0)
 def _bad_values(p):
     """(label, value) pairs that `p` must reject."""
     if p.kind == "float":
-        out = [("nan", math.nan), ("inf", math.inf), ("-inf", -math.inf), ("str", "0.5"), ("bool", True)]
+        out = [("nan", math.nan), ("inf", math.inf), ("-inf", -math.inf), ("str", "0.5"), ("bool", True),
+               ("int-too-big-for-float", 10**400)]
     elif p.kind == "int":
-        out = [("float", 1.5), ("str", "3"), ("bool", True)]
+        out = [("float", 1.5), ("str", "3"), ("bool", True), ("huge", 10**30)]
     elif p.kind == "bool":
         out = [("str-false", "false"), ("int-1", 1), ("int-0", 0)] + ([] if p.optional else [("none", None)])
     elif p.kind == "choice":
