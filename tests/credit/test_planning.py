@@ -246,9 +246,10 @@ def test_ktae_reference_float32_fisher_is_bit_identical_to_the_reference():
     from creditlab.credit.planning import fisher_p_reference_float32
 
     gen = torch.Generator().manual_seed(0)
-    vocab = 151644  # the reference's table has one row per id up to the largest id (Qwen: 151643)
-    for trial in range(6):
-        n_c, n_w = 1 + trial, 2 + 2 * trial
+    for trial in range(4):
+        # the reference's table has one row per id up to the largest id (Qwen: 151643) once; smaller tables after
+        vocab = 151644 if trial == 0 else 4096
+        n_c, n_w = 2 + trial, 3 + 2 * trial
         pres = torch.stack([torch.randint(0, n_c + 1, (40,), generator=gen),
                             torch.randint(0, n_w + 1, (40,), generator=gen)], 1).float()
         pres = pres[(pres.sum(1) > 0)]  # tokens that occur in the group
