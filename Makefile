@@ -38,8 +38,11 @@ $(STAMP_TRL): pyproject.toml Makefile
 	$(VENV_TRL)/bin/python -m pip install -q --disable-pip-version-check -e ".[train,trl,test]"
 	touch $(STAMP_TRL)
 
+# --runslow: the integration suites' slow tests (two-process torchrun, the real verl training step) run in CI.
 test-trl: $(STAMP_TRL)
-	$(VENV_TRL)/bin/python -m pytest -q tests/integrations/test_trl.py tests/integrations/test_vs_trl_smoke.py
+	$(VENV_TRL)/bin/python -m pytest -q --runslow tests/integrations/test_trl.py \
+		tests/integrations/test_trl_estimators.py tests/integrations/test_trl_multiprocess.py \
+		tests/integrations/test_vs_trl_smoke.py
 
 $(STAMP_VERL): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV_VERL)
