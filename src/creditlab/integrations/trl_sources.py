@@ -16,7 +16,6 @@ tensors; the trainer pads and gathers them over processes afterwards. The TRL-id
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -26,7 +25,8 @@ import torch
 from torch import Tensor
 
 from creditlab.batch import FIELDS, RolloutBatch
-from creditlab.signals.steps import Segmenter, pad_step_values
+from creditlab.integrations._signals import planning_mask, segment, step_labels, step_scores
+from creditlab.signals.steps import Segmenter
 
 __all__ = ["ROW_FIELDS", "LocalRows", "StepSource", "func_name", "implicit_prm_fields", "planning_fields",
            "row_field_values"]
@@ -83,53 +83,20 @@ class StepSource:
         self.label_func = label_func
 
     def produce(self, batch: RolloutBatch, rows: LocalRows, wanted: set[str]) -> dict[str, Tensor]:
-        seg = self.segmenter.segment(batch, rows.context())
+        seg = segment(batch.response_ids, batch.response_mask, rows.tokenizer, self.segmenter)
         out = {"step_ids": seg.step_ids}
         steps = [seg.step_texts(b) for b in range(batch.B)]
-        S = seg.num_steps
-        device = batch.response_ids.device
+        where = f"completion (of process {rows.rank})"
+        rule = f"step_split={self.segmenter.mode!r}"
         if "step_rewards" in wanted and self.reward_funcs:
-            total = torch.zeros(batch.B, S, device=device)
-            for fn, w in zip(self.reward_funcs, self.reward_weights):
-                scores = self._per_step(fn, rows, steps, kind="score")
-                total += w * pad_step_values(scores, S, device=device)
-            out["step_rewards"] = total  # [b, S]
+            out["step_rewards"] = sum(  # [b, S]
+                w * step_scores(rows.call(fn, steps=steps), seg, where=where,
+                                source=f"step reward function {func_name(fn)!r} ({rule})")
+                for fn, w in zip(self.reward_funcs, self.reward_weights))
         if "step_labels" in wanted and self.label_func is not None:
-            labels = self._per_step(self.label_func, rows, steps, kind="label")
-            padded = torch.full((batch.B, S), -1, dtype=torch.long)
-            for b, row in enumerate(labels):
-                padded[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            out["step_labels"] = padded.to(device)  # [b, S]
+            out["step_labels"] = step_labels(rows.call(self.label_func, steps=steps), seg, where=where,
+                                             source=f"step label function {func_name(self.label_func)!r} ({rule})")
         return out
-
-    def _per_step(self, fn: Callable[..., Any], rows: LocalRows, steps: list[list[str]], kind: str
-                  ) -> list[list[float]]:
-        values = rows.call(fn, steps=steps)
-        out = []
-        for b, (row, texts) in enumerate(zip(values, steps)):
-            row = list(row) if row is not None else None
-            where = f"completion {b} of process {rows.rank}"
-            if row is None or len(row) != len(texts):
-                raise ValueError(f"step {kind} function {func_name(fn)!r} returned {row!r} for {where}, which has "
-                                 f"{len(texts)} step(s) under step_split={self.segmenter.mode!r}: {texts[:4]}")
-            out.append([_label(v, fn, where) if kind == "label" else _score(v, fn, where) for v in row])
-        return out
-
-
-def _score(v: Any, fn: Any, where: str) -> float:
-    if v is None or not math.isfinite(float(v)):
-        raise ValueError(f"step reward function {func_name(fn)!r} returned {v!r} for a step of {where}; step "
-                         "scores must be finite numbers")
-    return float(v)
-
-
-def _label(v: Any, fn: Any, where: str) -> int:
-    if v is None:
-        return -1
-    if isinstance(v, bool) or v in (0, 1, -1):
-        return int(v)
-    raise ValueError(f"step label function {func_name(fn)!r} returned {v!r} for a step of {where}; labels are "
-                     "True/1 (right), False/0 (wrong) or None/-1 (no label)")
 
 
 def row_field_values(name: str, source: str | Callable[..., Any], rows: LocalRows, device: Any) -> Tensor:
@@ -149,23 +116,8 @@ def row_field_values(name: str, source: str | Callable[..., Any], rows: LocalRow
 
 
 def planning_fields(batch: RolloutBatch, rows: LocalRows, grams: Sequence[str] | None) -> dict[str, Tensor]:
-    """planning_mask [b,T] from the strategic-gram detector on each decoded completion (HICRA).
-
-    Token character spans come from `token_char_spans` (exact for any tokenizer, SentencePiece and word-level
-    included: decoding tokens one by one drops their separating spaces there); special tokens are never
-    planning tokens.
-    """
-    from creditlab.signals.steps import token_char_spans
-    from creditlab.signals.strategic import DEFAULT_STRATEGIC_GRAMS, token_mask_from_spans
-
-    grams = grams if grams is not None else DEFAULT_STRATEGIC_GRAMS
-    ids, mask = batch.response_ids.cpu(), batch.response_mask.cpu()
-    out = torch.zeros(ids.shape, dtype=torch.bool)  # [b, T]
-    for b in range(ids.shape[0]):
-        cols = mask[b].nonzero().squeeze(1)
-        spans, text = token_char_spans(rows.tokenizer, ids[b, cols].tolist())
-        out[b, cols] = token_mask_from_spans(text, spans, grams)
-    return {"planning_mask": out.to(batch.response_ids.device)}
+    """planning_mask [b,T] from the strategic-gram detector on the decoded completions (HICRA)."""
+    return {"planning_mask": planning_mask(batch.response_ids, batch.response_mask, rows.tokenizer, grams)}
 
 
 def implicit_prm_fields(scorer: Any, batch: RolloutBatch, rows: LocalRows) -> dict[str, Tensor]:
