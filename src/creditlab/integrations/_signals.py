@@ -10,8 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from creditlab.batch import RolloutBatch
+from creditlab.batch import FIELDS, RolloutBatch
 from creditlab.signals.steps import Segmentation, Segmenter, pad_step_values
+
+# Per-row integer fields an integration reads from a dataset column or the reward's extra info.
+ROW_FIELDS = tuple(n for n, s in FIELDS.items() if s.shape == ("B",) and s.kind == "long" and n != "group_ids")
 
 
 def segment(response_ids: Tensor, response_mask: Tensor, tokenizer: Any, segmenter: Segmenter) -> Segmentation:

@@ -55,8 +55,8 @@ from creditlab.integrations.trl_sources import (
 )
 from creditlab.registry import get_spec
 
-__all__ = ["FIELD_HOW", "FIELD_SOURCES", "CreditGRPOTrainer", "plan_fields", "scale_rewards_kwargs",
-           "unsupported_fields"]
+__all__ = ["FIELD_HOW", "FIELD_SOURCES", "CreditGRPOTrainer", "plan_fields", "plan_sources",
+           "scale_rewards_kwargs", "unsupported_fields"]
 
 # Optional RolloutBatch fields this trainer fills from TRL's own output, and from what.
 FIELD_SOURCES: dict[str, str] = {
@@ -125,6 +125,32 @@ def plan_fields(estimator: str, needs: Sequence[str], *, step_rewards: bool, ste
     return plan
 
 
+def plan_sources(estimator: str, needs: Sequence[str], *, step_reward_funcs: list, step_label_func: Any,
+                 planning_grams: Any, row_fields: dict[str, Any], implicit_prm: Any,
+                 field_producers: dict[str, Any]) -> dict[str, str]:
+    """`plan_fields` for the sources a user gave; also refuses a source the estimator would not read."""
+    bad_rows = sorted(set(row_fields) - set(ROW_FIELDS))
+    if bad_rows:
+        raise ValueError(f"row_fields keys must be per-completion integer fields {list(ROW_FIELDS)}, got {bad_rows}")
+    bad_producers = sorted(set(field_producers) - set(FIELDS))
+    if bad_producers:
+        raise ValueError(f"field_producers keys must be RolloutBatch fields, got {bad_producers}")
+    plan = plan_fields(estimator, needs, step_rewards=bool(step_reward_funcs), step_labels=step_label_func
+                       is not None, row_fields=list(row_fields), implicit_prm=implicit_prm is not None,
+                       producers=list(field_producers))
+    given = {"step_reward_funcs": ("step_rewards", "steps") if step_reward_funcs else None,
+             "step_label_func": ("step_labels", "steps") if step_label_func is not None else None,
+             "planning_grams": ("planning_mask", "planning") if planning_grams is not None else None,
+             **{f"row_fields[{f!r}]": (f, "row_fields") for f in row_fields},
+             **{f"field_producers[{f!r}]": (f, "producer") for f in field_producers}}
+    unused = [k for k, v in given.items() if v is not None and plan.get(v[0]) != v[1]]
+    unused += ["implicit_prm"] if implicit_prm is not None and "implicit_prm" not in plan.values() else []
+    if unused:
+        raise ValueError(f"{', '.join(unused)} given, but estimator {estimator!r} does not read what it supplies "
+                         f"(it needs {list(needs)})")
+    return plan
+
+
 def scale_rewards_kwargs(estimator: str, scale_rewards: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Estimator kwargs honouring `GRPOConfig.scale_rewards`, or a `ValueError` saying which option to use.
 
@@ -186,26 +212,9 @@ class CreditGRPOTrainer(GRPOTrainer):
                              f"estimator sees one summed reward per completion), got {aggregation!r}")
         funcs = [step_reward_funcs] if callable(step_reward_funcs) else list(step_reward_funcs or [])
         row_fields, producers = dict(row_fields or {}), dict(field_producers or {})
-        bad_rows = sorted(set(row_fields) - set(ROW_FIELDS))
-        if bad_rows:
-            raise ValueError(f"row_fields keys must be per-completion integer fields {list(ROW_FIELDS)}, "
-                             f"got {bad_rows}")
-        bad_producers = sorted(set(producers) - set(FIELDS))
-        if bad_producers:
-            raise ValueError(f"field_producers keys must be RolloutBatch fields, got {bad_producers}")
-        self._plan = plan_fields(estimator, spec.needs, step_rewards=bool(funcs), step_labels=step_label_func
-                                 is not None, row_fields=list(row_fields), implicit_prm=implicit_prm is not None,
-                                 producers=list(producers))
-        given = {"step_reward_funcs": ("step_rewards", "steps") if funcs else None,
-                 "step_label_func": ("step_labels", "steps") if step_label_func is not None else None,
-                 "planning_grams": ("planning_mask", "planning") if planning_grams is not None else None,
-                 **{f"row_fields[{f!r}]": (f, "row_fields") for f in row_fields},
-                 **{f"field_producers[{f!r}]": (f, "producer") for f in producers}}
-        unused = [k for k, v in given.items() if v is not None and self._plan.get(v[0]) != v[1]]
-        unused += ["implicit_prm"] if implicit_prm is not None and "implicit_prm" not in self._plan.values() else []
-        if unused:
-            raise ValueError(f"{', '.join(unused)} given, but estimator {estimator!r} does not read what it "
-                             f"supplies (it needs {list(spec.needs)})")
+        self._plan = plan_sources(estimator, spec.needs, step_reward_funcs=funcs, step_label_func=step_label_func,
+                                  planning_grams=planning_grams, row_fields=row_fields, implicit_prm=implicit_prm,
+                                  field_producers=producers)
         self._steps = StepSource(step_split, funcs, step_reward_weights, step_label_func)
         self._row_fields, self._producers, self._planning_grams = row_fields, producers, planning_grams
         super().__init__(*args, **kwargs)
@@ -213,7 +222,7 @@ class CreditGRPOTrainer(GRPOTrainer):
             raise ValueError(f"estimator {estimator!r} needs RolloutBatch.ref_logprobs, which TRL computes only "
                              f"with a reference model: set GRPOConfig(beta=...) > 0")
         self.estimator_name, self.estimator_kwargs = estimator, est_kwargs
-        self._estimator, self._needs = spec.fn, spec.needs
+        self._estimator = spec.fn
         self._prm = self._build_prm(implicit_prm, estimator) if "implicit_prm" in self._plan.values() else None
         self._rows: LocalRows | None = None
         self._rewards_per_func: Tensor | None = None

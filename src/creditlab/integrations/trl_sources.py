@@ -24,14 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from creditlab.batch import FIELDS, RolloutBatch
-from creditlab.integrations._signals import planning_mask, segment, step_labels, step_scores
+from creditlab.batch import RolloutBatch
+from creditlab.integrations._signals import ROW_FIELDS, planning_mask, segment, step_labels, step_scores
 from creditlab.signals.steps import Segmenter
 
 __all__ = ["ROW_FIELDS", "LocalRows", "StepSource", "func_name", "implicit_prm_fields", "planning_fields",
            "row_field_values"]
 
-ROW_FIELDS = tuple(n for n, s in FIELDS.items() if s.shape == ("B",) and s.kind == "long" and n != "group_ids")
 
 
 @dataclass

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from creditlab.batch import FIELDS
 from creditlab.integrations._checks import check_estimator_kwargs
-from creditlab.integrations._signals import planning_mask, segment, step_labels, step_scores
+from creditlab.integrations._signals import ROW_FIELDS, planning_mask, segment, step_labels, step_scores
 from creditlab.registry import get_spec, list_estimators
 from creditlab.signals.steps import Segmenter
 
@@ -45,7 +45,6 @@ ALWAYS = ("response_mask", "group_ids", "rewards", "token_rewards")  # built fro
 # RolloutBatch field <- TransferQueue field of verl's v1 trainer.
 V1_FIELDS: dict[str, str] = {"response_ids": "responses", "logprobs": "old_log_probs",
                              "ref_logprobs": "ref_log_prob", "values": "values", "entropies": "entropy"}
-ROW_FIELDS = tuple(n for n, s in FIELDS.items() if s.shape == ("B",) and s.kind == "long" and n != "group_ids")
 HOOK_MADE = ("step_ids", "step_rewards", "step_labels", "planning_mask", "texts", "prompt_ids", "prompt_mask",
              *ROW_FIELDS)  # made by the hook from responses, prompts and reward_extra_info
 # Always available to the hook: verl computes these in every PPO step (or they come from the responses).
