@@ -102,7 +102,7 @@ def main(out: Path, estimator: str, mode: str, extra: list[str], timeout: float 
     ray_tmp = tempfile.mkdtemp(prefix="crlray", dir="/tmp")
     try:
         proc = subprocess.run(cmd, env=env(out, ray_tmp), timeout=timeout, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True, cwd=out)  # Hydra writes outputs/ into cwd
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     (out / "main_ppo.log").write_text(proc.stdout)
