@@ -291,11 +291,11 @@ def test_infinite_reward_names_the_function_and_the_row(tmp_path, tok, data):
 
 
 def test_estimator_kwargs_are_checked_before_the_model_loads(tmp_path):
-    msg = r"estimator_kwargs: estimator 'tempo' has no hyperparameter\(s\) \['tdcoef'\]"
+    msg = r"estimator_kwargs: estimator 'tempo' has no hyper-parameter 'tdcoef'"
     with pytest.raises(ValueError, match=msg):
         CreditGRPOTrainer(model="/nonexistent/model", reward_funcs=w.reward, estimator="tempo",
                           estimator_kwargs={"tdcoef": 1.0})
-    with pytest.raises(ValueError, match=r"estimator_kwargs for estimator 'grpo'.*singleton"):
+    with pytest.raises(ValueError, match=r"estimator_kwargs: estimator 'grpo'.*singleton"):
         CreditGRPOTrainer(model="/nonexistent/model", reward_funcs=w.reward, estimator="grpo",
                           estimator_kwargs={"singleton": "bogus"})
 

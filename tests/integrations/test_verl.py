@@ -316,8 +316,10 @@ def verl_config():
     (["algorithm.adv_estimator=creditlab_prime"], r"prm_logprobs.*batch_fields\(prm_logprobs=.*use_kl_loss=True"),
     (["algorithm.adv_estimator=creditlab_stratified"], r"creditlab_row_fields=\{strata: <key>\}"),
     (["algorithm.adv_estimator=creditlab_tempo", "+algorithm.creditlab_kwargs={tdcoef: 1}"],
-     r"creditlab_kwargs: estimator 'tempo' has no hyperparameter\(s\) \['tdcoef'\]"),
+     r"creditlab_kwargs: estimator 'tempo' has no hyper-parameter 'tdcoef'"),
     (["algorithm.adv_estimator=creditlab_grpo", "+algorithm.creditlab_kwargs={singleton: bogus}"], "singleton"),
+    (["algorithm.adv_estimator=creditlab_capo", "+algorithm.creditlab_kwargs={w_whole: 1.0, w_process: 2.0}",
+      "+algorithm.creditlab_steps={rewards_key: s}"], "creditlab_kwargs for estimator 'capo'.*w_whole > w_process"),
     (["algorithm.adv_estimator=creditlab_nope"], "no creditlab estimator 'nope'"),
     (["algorithm.adv_estimator=creditlab_pure", "+algorithm.creditlab_steps={split: lines}"], "split mode 'lines'"),
 ])

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-from creditlab.registry import get_spec
+from creditlab.registry import check_hyperparams, get_spec
 
 
 def check_estimator_kwargs(name: str, kwargs: dict[str, Any], *, option: str) -> None:
     """Raise a one-line `ValueError` naming `option` when `kwargs` do not fit estimator `name`.
 
-    Two checks: every key must be a keyword of the estimator's signature, and one call of the estimator with
-    `kwargs` on a small synthetic batch (every field filled, `creditlab.sample.random_batch`) must succeed. The
-    call catches out-of-range values (`eps=-1`), wrong modes and wrong types, which estimators validate only
-    when they run. If the synthetic batch fails with the defaults too, the probe says nothing and the values
-    are checked at the first real step instead.
+    Two checks: the registry's own keyword/type/range checks (`check_hyperparams`), then one call of the
+    estimator with `kwargs` on a small synthetic batch (every field filled, `creditlab.sample.random_batch`),
+    which catches the checks that tie parameters together inside an estimator (capo's `w_whole > w_process`).
+    If the synthetic batch fails with the defaults too, the probe says nothing and those values are checked at
+    the first real step instead.
     """
     spec = get_spec(name)
-    params = inspect.signature(spec.raw).parameters
-    allowed = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ValueError(f"{option}: estimator {name!r} has no hyperparameter(s) {unknown}; its hyperparameters "
-                         f"and defaults: {spec.defaults}")
+    try:
+        check_hyperparams(name, spec.params, kwargs)
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
     if not kwargs:
         return
     from creditlab.sample import random_batch

@@ -55,7 +55,7 @@ from creditlab.integrations.trl_sources import (
 )
 from creditlab.registry import get_spec
 
-__all__ = ["FIELD_HOW", "FIELD_SOURCES", "CreditGRPOTrainer", "plan_fields", "plan_sources",
+__all__ = ["FIELD_HOW", "FIELD_SOURCES", "CreditGRPOTrainer", "make_implicit_prm", "plan_fields", "plan_sources",
            "scale_rewards_kwargs", "unsupported_fields"]
 
 # Optional RolloutBatch fields this trainer fills from TRL's own output, and from what.
@@ -95,17 +95,26 @@ def unsupported_fields(needs: tuple[str, ...]) -> list[str]:
 
 
 def plan_fields(estimator: str, needs: Sequence[str], *, step_rewards: bool, step_labels: bool,
-                row_fields: Sequence[str], implicit_prm: bool, producers: Sequence[str]) -> dict[str, str]:
-    """Where each needed optional field comes from ({field: source}); a `ValueError` says how to supply the rest."""
+                row_fields: Sequence[str], implicit_prm: Any, producers: Sequence[str]) -> dict[str, str]:
+    """Where each needed optional field comes from ({field: source}); a `ValueError` says how to supply the rest.
+
+    `implicit_prm` is the `ImplicitPRMScorer` (or None). With reference="frozen" (PRIME) it also gives
+    `ref_logprobs`, its frozen reference's; with reference="old_policy" (OPRL) it divides by `logprobs`.
+    """
     plan, missing = {}, []
+    if implicit_prm is not None and implicit_prm.reference == "old_policy":
+        plan["logprobs"] = "trl"  # the PRM's denominator: the rollout policy's log-probs
+        if "ref_logprobs" in needs and "prm_logprobs" in needs:
+            raise ValueError(f"estimator {estimator!r} divides by the implicit PRM's frozen reference "
+                             "(ref_logprobs): use implicit_prm with reference='frozen'")
     for f in needs:
-        if f in REQUIRED:
+        if f in REQUIRED or f in plan:
             continue
         if f in producers:
             plan[f] = "producer"
-        elif f in ("prm_logprobs", "ref_logprobs") and implicit_prm and "prm_logprobs" in needs:
-            plan[f] = "implicit_prm"  # PRIME/OPRL: q = log pi_phi - log pi_ref with the PRM's own reference
-        elif f == "step_rewards" and (step_rewards or implicit_prm):
+        elif implicit_prm is not None and (f == "prm_logprobs" or (f == "ref_logprobs" and "prm_logprobs" in needs)):
+            plan[f] = "implicit_prm"  # PRIME: q = log pi_phi - log pi_ref with the PRM's own frozen reference
+        elif f == "step_rewards" and (step_rewards or implicit_prm is not None):
             plan[f] = "steps" if step_rewards else "implicit_prm"
         elif (f == "step_labels" and step_labels) or f == "step_ids":
             plan[f] = "steps"
@@ -136,7 +145,7 @@ def plan_sources(estimator: str, needs: Sequence[str], *, step_reward_funcs: lis
     if bad_producers:
         raise ValueError(f"field_producers keys must be RolloutBatch fields, got {bad_producers}")
     plan = plan_fields(estimator, needs, step_rewards=bool(step_reward_funcs), step_labels=step_label_func
-                       is not None, row_fields=list(row_fields), implicit_prm=implicit_prm is not None,
+                       is not None, row_fields=list(row_fields), implicit_prm=implicit_prm,
                        producers=list(field_producers))
     given = {"step_reward_funcs": ("step_rewards", "steps") if step_reward_funcs else None,
              "step_label_func": ("step_labels", "steps") if step_label_func is not None else None,
@@ -149,6 +158,19 @@ def plan_sources(estimator: str, needs: Sequence[str], *, step_reward_funcs: lis
         raise ValueError(f"{', '.join(unused)} given, but estimator {estimator!r} does not read what it supplies "
                          f"(it needs {list(needs)})")
     return plan
+
+
+def make_implicit_prm(implicit_prm: Any, estimator: str) -> Any:
+    """The `ImplicitPRMScorer` for `implicit_prm=` (a scorer, or its keyword arguments; mode defaults to the
+    estimator's: "prime" or "oprl"). Models are copied from the policy later, once TRL has loaded it."""
+    from creditlab.signals.implicit import ImplicitPRMScorer
+
+    if isinstance(implicit_prm, dict):
+        return ImplicitPRMScorer(**{"mode": estimator if estimator in ("prime", "oprl") else "prime", **implicit_prm})
+    if not isinstance(implicit_prm, ImplicitPRMScorer):
+        raise ValueError(f"implicit_prm must be an ImplicitPRMScorer or its keyword arguments (a dict), got "
+                         f"{type(implicit_prm).__name__}")
+    return implicit_prm
 
 
 def scale_rewards_kwargs(estimator: str, scale_rewards: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -212,8 +234,9 @@ class CreditGRPOTrainer(GRPOTrainer):
                              f"estimator sees one summed reward per completion), got {aggregation!r}")
         funcs = [step_reward_funcs] if callable(step_reward_funcs) else list(step_reward_funcs or [])
         row_fields, producers = dict(row_fields or {}), dict(field_producers or {})
+        prm = make_implicit_prm(implicit_prm, estimator) if implicit_prm is not None else None
         self._plan = plan_sources(estimator, spec.needs, step_reward_funcs=funcs, step_label_func=step_label_func,
-                                  planning_grams=planning_grams, row_fields=row_fields, implicit_prm=implicit_prm,
+                                  planning_grams=planning_grams, row_fields=row_fields, implicit_prm=prm,
                                   field_producers=producers)
         self._steps = StepSource(step_split, funcs, step_reward_weights, step_label_func)
         self._row_fields, self._producers, self._planning_grams = row_fields, producers, planning_grams
@@ -223,22 +246,16 @@ class CreditGRPOTrainer(GRPOTrainer):
                              f"with a reference model: set GRPOConfig(beta=...) > 0")
         self.estimator_name, self.estimator_kwargs = estimator, est_kwargs
         self._estimator = spec.fn
-        self._prm = self._build_prm(implicit_prm, estimator) if "implicit_prm" in self._plan.values() else None
+        self._prm = self._start_prm(prm) if prm is not None else None
         self._rows: LocalRows | None = None
         self._rewards_per_func: Tensor | None = None
 
-    def _build_prm(self, implicit_prm: Any, estimator: str) -> Any:
-        from creditlab.signals.implicit import ImplicitPRMScorer
-
-        prm = implicit_prm
-        if isinstance(prm, dict):
-            prm = ImplicitPRMScorer(**{"mode": estimator if estimator in ("prime", "oprl") else "prime", **prm})
-        if not isinstance(prm, ImplicitPRMScorer):
-            raise ValueError(f"implicit_prm must be an ImplicitPRMScorer or its keyword arguments (a dict), got "
-                             f"{type(prm).__name__}")
-        if prm.prm is None:  # starts as a copy of the policy (and a frozen copy as its reference)
+    def _start_prm(self, prm: Any) -> Any:
+        if prm.prm is None:  # starts as a copy of the policy (and, for PRIME, a frozen copy as its reference)
             prm._init_models(self.accelerator.unwrap_model(self.model))
         for model in (prm.prm, prm.ref):
+            if model is None:  # OPRL's reference is the rollout policy's log-probs, not a model
+                continue
             # TRL patches the policy's `forward` (a fused LM head) with a closure over the *original* model's
             # bound forward; a deep copy would keep calling the policy. The copies use their class's forward.
             vars(model).pop("forward", None)
@@ -451,11 +468,14 @@ class CreditGRPOTrainer(GRPOTrainer):
 
 
 def prm_state(scorer: Any) -> dict[str, Any]:
-    """The implicit PRM's weights, its reference's weights and its optimizer state (tensors + plain values)."""
+    """The implicit PRM's weights, its frozen reference's (if any) and its optimizer state (tensors + plain values)."""
     get = getattr(scorer, "state_dict", None)
     if callable(get):
         return get()
-    return {"prm": scorer.prm.state_dict(), "ref": scorer.ref.state_dict(), "optim": scorer.optim.state_dict()}
+    state = {"prm": scorer.prm.state_dict(), "optim": scorer.optim.state_dict()}
+    if scorer.ref is not None:
+        state["ref"] = scorer.ref.state_dict()
+    return state
 
 
 def load_prm_state(scorer: Any, state: dict[str, Any]) -> None:
@@ -463,6 +483,10 @@ def load_prm_state(scorer: Any, state: dict[str, Any]) -> None:
     if callable(load):
         load(state)
         return
+    if ("ref" in state) != (scorer.ref is not None):
+        raise ValueError("the checkpoint's implicit PRM and this one differ in their reference (frozen model or "
+                         "the rollout policy's log-probs)")
     scorer.prm.load_state_dict(state["prm"])
-    scorer.ref.load_state_dict(state["ref"])
+    if scorer.ref is not None:
+        scorer.ref.load_state_dict(state["ref"])
     scorer.optim.load_state_dict(state["optim"])
