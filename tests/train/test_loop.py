@@ -13,6 +13,7 @@ import torch
 from creditlab.cli import main
 from creditlab.policy import load_policy
 from creditlab.train.loop import TrainState, load_checkpoint, save_checkpoint
+from creditlab.train.rundir import open_run_dir
 
 TINY = ["--task", "arith_chain", "--task-kwargs", '{"n_steps": 2}', "--policy", "tiny",
         "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "24", "--eval-problems", "8",
@@ -139,3 +140,5 @@ def test_sigkill_mid_checkpoint_never_leaves_an_unreadable_checkpoint(tmp_path):
         state = load_checkpoint(run_dir, model, torch.optim.AdamW(model.parameters()))
         assert state.step >= 1
         assert float(model[0].weight[0, 0].detach()) == float(state.step)  # the weights belong to that step
+        open_run_dir(run_dir).close()  # what `train` does on start: no temporary file of the killed writer is left
+        assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".lock"]
