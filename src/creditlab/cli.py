@@ -138,10 +138,7 @@ USER_ERRORS = (KeyError, ValueError, OSError, ImportError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse already printed its one line (or --help)
-        return e.code if isinstance(e.code, int) else 2
+    args = build_parser().parse_args(argv)  # bad syntax: one line and SystemExit(2) from OneLineParser.error
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:

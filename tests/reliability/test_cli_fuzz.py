@@ -188,6 +188,14 @@ def paths(tmp_path_factory):
     return p
 
 
+def run_main(argv):
+    """`main(argv)`'s exit code, whether it returns it or argparse raises SystemExit (as `sys.exit(main())` would)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def check_one_line(rc, err, needle):
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2, err
@@ -212,7 +220,7 @@ def test_train_bad_option(tmp_path, capfd, paths, options, needle):
     if "--out-dir" not in args:
         args += ["--out-dir", str(tmp_path / "run")]
     capfd.readouterr()
-    rc = main(["train", *fill(args, paths)])
+    rc = run_main(["train", *fill(args, paths)])
     check_one_line(rc, capfd.readouterr().err, needle)
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
@@ -221,7 +229,7 @@ def test_train_bad_option(tmp_path, capfd, paths, options, needle):
 def test_other_commands_bad_input(tmp_path, capfd, monkeypatch, paths, argv, needle):
     monkeypatch.chdir(tmp_path)
     capfd.readouterr()
-    rc = main(fill(argv, paths))
+    rc = run_main(fill(argv, paths))
     check_one_line(rc, capfd.readouterr().err, needle)
     assert not (tmp_path / "runs").exists()
 

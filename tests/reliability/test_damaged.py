@@ -59,6 +59,14 @@ def test_damaged_latest_falls_back_to_the_previous_with_a_warning(tmp_path, capl
     assert "ckpt-000002/state.pt" in caplog.text and "falling back" in caplog.text
 
 
+def test_after_a_fallback_the_next_save_keeps_the_good_checkpoint(tmp_path):
+    run = saved_run(tmp_path, steps=(2, 4))
+    truncate(run / "ckpt-000004" / "state.pt")
+    assert load_checkpoint(run, *model_at(0.0)).step == 2
+    save_checkpoint(run, TrainState(step=3, samples=12), *model_at(3.0))  # the run goes on from step 2
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003"]  # the stale step 4 is gone
+
+
 def test_every_checkpoint_damaged_is_one_error_naming_each_file(tmp_path):
     run = saved_run(tmp_path)
     for state in run.glob("ckpt-*/state.pt"):

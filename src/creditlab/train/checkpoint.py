@@ -6,7 +6,7 @@ Layout: `RUN_DIR/ckpt-NNNNNN/state.pt` (model, optimizer, `TrainState`, every co
 
 Writing (`save_checkpoint`): the state is checked to be tensors and plain values, written to a temporary directory,
 fsynced, checksummed and read back (checksum and `torch.load(weights_only=True)`), renamed to `ckpt-NNNNNN`, and
-only then is `latest` replaced (write a temporary file, fsync, `os.replace`). The previous checkpoint is kept (two
+only then is `latest` replaced (write a temporary file, fsync, `os.replace`). The checkpoint before it is kept (two
 in all), so a checkpoint damaged later on disk has a fallback; older ones are deleted.
 
 Reading (`load_checkpoint`): `latest` must name a `ckpt-NNNNNN` directory inside the run directory (anything else
@@ -128,7 +128,6 @@ def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, op
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    previous = candidates(run_dir, warn=False)[:1]  # what `latest` names now: kept as the fallback
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(run_dir)
@@ -138,25 +137,33 @@ def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, op
         os.fsync(f.fileno())
     os.replace(pointer, run_dir / "latest")
     fsync_dir(run_dir)
-    for old in checkpoints(run_dir):  # older ones, and any a resume from an older checkpoint left behind
-        if old != final and old not in previous:
+    # Keep the newest checkpoint before this one as the fallback; drop older ones, and later ones left behind by a
+    # run that resumed from an earlier checkpoint (their steps are being redone).
+    fallback = [c for c in checkpoints(run_dir) if step_of(c) < state.step][:1]
+    for old in checkpoints(run_dir):
+        if old != final and old not in fallback:
             shutil.rmtree(old, ignore_errors=True)
     clean_stale(run_dir)
     return final
 
 
 # ------------------------------------------------------------------ reading
+def step_of(ckpt: Path) -> int:
+    match = CKPT_NAME.fullmatch(ckpt.name)
+    return int(match.group(1)) if match else -1
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     """The `ckpt-NNNNNN` directories of `run_dir` (real directories, no symlinks), newest first."""
     found = [p for p in run_dir.glob("ckpt-*") if CKPT_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
-    return sorted(found, key=lambda p: int(CKPT_NAME.fullmatch(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
+    return sorted(found, key=step_of, reverse=True)
 
 
 def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "latest").exists() or bool(checkpoints(run_dir))
 
 
-def candidates(run_dir: Path, *, warn: bool = True) -> list[Path]:
+def candidates(run_dir: Path) -> list[Path]:
     """Checkpoints to try, in order: the one `latest` names (if it is a valid name), then the others, newest first."""
     found = checkpoints(run_dir)
     pointer = run_dir / "latest"
@@ -168,9 +175,8 @@ def candidates(run_dir: Path, *, warn: bool = True) -> list[Path]:
         name = "<unreadable>"
     target = run_dir / name
     if not CKPT_NAME.fullmatch(name) or target not in found:
-        if warn:
-            logger.warning("creditlab: %s names %r, which is not a ckpt-NNNNNN directory in %s; ignoring it",
-                           pointer, name[:80], run_dir)
+        logger.warning("creditlab: %s names %r, which is not a ckpt-NNNNNN directory in %s; ignoring it",
+                       pointer, name[:80], run_dir)
         return found
     return [target, *(p for p in found if p != target)]
 
