@@ -14,11 +14,12 @@ TINY = ["--task", "arith_chain", "--task-kwargs", '{"n_steps": 2}', "--policy", 
         "--no-tensorboard", "--no-progress", "--sample-every", "0", "--lr", "1e-3"]
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="package")
 def one_thread():
     """One intra-op thread: bitwise resume comparisons need it (with two, CPU kernels are not bit-reproducible
     between runs in one process: we measured a 7e-8 relative grad_norm difference between two identical straight
-    runs, platform noise rather than lost checkpoint state), and these tiny models run faster on one."""
+    runs, platform noise rather than lost checkpoint state), and these tiny models run faster on one. Package scope:
+    restored when this suite is done, and set before the package-scoped `finished_run` is made."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -29,8 +30,8 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="session")
-def finished_run(tmp_path_factory):
+@pytest.fixture(scope="package")
+def finished_run(tmp_path_factory, one_thread):
     """A 1-step grpo run (checkpoint ckpt-000001); copy it with `copy_run` before changing it."""
     out = tmp_path_factory.mktemp("finished") / "run"
     assert main(["train", *TINY, "--estimator", "grpo", "--steps", "1", "--out-dir", str(out)]) == 0
