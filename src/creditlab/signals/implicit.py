@@ -236,15 +236,15 @@ class ImplicitPRMScorer(Scorer):
 
     # ------------------------------------------------------------------ checkpointing (exact resume)
     def state_dict(self) -> dict[str, Any]:
-        """π_φ, π_ref and π_φ's optimizer (tensors and plain values); ``initialized`` is False before the first
-        call has copied the policy."""
+        """π_φ, π_ref (None with reference="old_policy") and π_φ's optimizer, tensors and plain values;
+        ``initialized`` is False before the first call has copied the policy."""
         pending = getattr(self, "_pending", None)
         if pending is not None:
             return pending
         if self.prm is None:
             return {"initialized": False}
-        return {"initialized": True, "prm": self.prm.state_dict(), "ref": self.ref.state_dict(),
-                "optim": self.optim.state_dict()}
+        return {"initialized": True, "prm": self.prm.state_dict(),
+                "ref": self.ref.state_dict() if self.ref is not None else None, "optim": self.optim.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`. A scorer that copies the policy lazily keeps the state until its first call
@@ -260,7 +260,11 @@ class ImplicitPRMScorer(Scorer):
         state = getattr(self, "_pending", None)
         if state is None:
             return
+        if (state.get("ref") is None) != (self.ref is None):
+            raise ValueError(f"the checkpoint's implicit PRM {'has no' if state.get('ref') is None else 'has a'} "
+                             f"frozen reference, this one uses reference={self.reference!r}")
         self.prm.load_state_dict(state["prm"])
-        self.ref.load_state_dict(state["ref"])
+        if self.ref is not None:
+            self.ref.load_state_dict(state["ref"])
         self.optim.load_state_dict(state["optim"])
         self._pending = None

@@ -84,23 +84,16 @@ def check_task(name: str, kwargs: dict[str, Any]) -> None:
 
 
 def check_estimator(name: str, kwargs: dict[str, Any]) -> None:
-    """Known name, known keywords, and the keywords accepted by the estimator on a sample batch (so a bad value
-    fails now, not after the first rollout)."""
+    """Known name; keywords, types and ranges from the registry, then one call on a sample batch (the checks the
+    TRL/verl integrations run too), so a bad value fails now, not after the first rollout."""
+    from creditlab.integrations._checks import check_estimator_kwargs
     from creditlab.registry import get_spec, list_estimators
 
     try:
-        spec = get_spec(name)
+        get_spec(name)
     except KeyError:
         raise ValueError(f"--estimator: unknown estimator {name!r}; registered: {list_estimators()}") from None
-    check_keys(kwargs, spec.raw, "--estimator-kwargs", f"estimator {name!r}", skip=1)
-    if not kwargs:
-        return
-    from creditlab.sample import random_batch
-
-    try:
-        spec.fn(random_batch(n_groups=3, max_group=3, T=6, seed=0), **kwargs)
-    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: e.g. non-finite output from these values
-        raise ValueError(f"--estimator-kwargs: {name} refuses {kwargs}: {one_line(e)}") from None
+    check_estimator_kwargs(name, kwargs, option="--estimator-kwargs")
 
 
 def check_scorer(name: str, kwargs: dict[str, Any]) -> None:
