@@ -24,6 +24,7 @@ import torch
 
 from creditlab.batch import RolloutBatch
 from creditlab.credit.metrics import advantage_metrics
+from creditlab.device import device_info, resolve_bf16, resolve_device
 from creditlab.policy import Policy, load_policy
 from creditlab.registry import get_estimator, get_spec
 from creditlab.rollout.hf import SamplingConfig, generate, sequence_logprobs
@@ -215,6 +216,7 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
                                             batch.response_mask, temperature=r.temperature)
         batch = batch.replace(ref_logprobs=ref_logp)
     batch = produce_signals(batch, ctx["needs"], signal_ctx)
+    batch = batch.to(batch.response_ids.device)  # fields a producer made on the CPU join the policy's device
     t2 = time.perf_counter()
     credit = get_estimator(cfg.run.estimator)(batch, **ctx["est_kwargs"])
     t3 = time.perf_counter()
@@ -259,7 +261,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)
     spec = get_spec(cfg.run.estimator)  # fail fast on an unknown estimator, listing the known ones
     task = get_task(cfg.run.task, **cfg.task_kwargs())
-    policy = load_policy(cfg.run.policy, seed=cfg.run.seed)
+    device = resolve_device(cfg.run.device)
+    policy = load_policy(cfg.run.policy, seed=cfg.run.seed, device=device)
+    asked, cfg = cfg, with_precision(cfg, device, policy.model)  # config.json keeps what was asked (auto = None)
     ref_model = None
     if cfg.optim.kl_coef > 0 or "ref_logprobs" in spec.needs:
         ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
@@ -267,7 +271,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     components = build_components(cfg, spec, policy, task)
     state = load_checkpoint(run_dir, policy.model, optim, components) \
         if cfg.run.resume and (run_dir / "latest").exists() else TrainState()
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (run_dir / "config.json").write_text(json.dumps(asked.to_dict(), indent=2))
+    precision = {"rollout_bf16": cfg.rollout.bf16, "update_bf16": cfg.optim.update_bf16}  # auto decided
+    (run_dir / "device.json").write_text(json.dumps(precision | device_info(device), indent=2))
     logger = Logger(run_dir, tensorboard=cfg.log.tensorboard, keep_until=state.step)
     ctx = {"policy": policy, "task": task, "ref_model": ref_model, "optim": optim,
            "pool": task.problems("train", cfg.run.train_pool, cfg.run.seed), "needs": spec.needs,
@@ -302,6 +308,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "initial_accuracy": first.get("eval/accuracy"),
             "final_accuracy": metrics.get("eval/accuracy", first.get("eval/accuracy")), "steps": state.step,
             "samples": state.samples}
+
+
+def with_precision(cfg: TrainConfig, device: torch.device, model: torch.nn.Module) -> TrainConfig:
+    """A copy of `cfg` with --bf16 / --update-bf16 decided: unset (None) means auto (`creditlab.device`)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    rollout = dataclasses.replace(cfg.rollout, bf16=resolve_bf16(cfg.rollout.bf16, device, n_params))
+    optim = dataclasses.replace(cfg.optim, update_bf16=resolve_bf16(cfg.optim.update_bf16, device, n_params))
+    return dataclasses.replace(cfg, rollout=rollout, optim=optim)
 
 
 def _progress(cfg: TrainConfig, start: int) -> Any:
