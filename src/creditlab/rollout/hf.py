@@ -136,20 +136,25 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
 @torch.no_grad()
 def sample_tokens(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, cfg: SamplingConfig, *,
                   generator: torch.Generator, stop_ids: list[int], pad_id: int,
-                  expand: Tensor | None = None) -> Sampled:
+                  expand: Tensor | None = None, compact: float = 0.75) -> Sampled:
     """KV-cached autoregressive sampling from left-padded inputs [N, L]; stops early once every row has stopped.
 
     `expand` ([B] long, optional): output row b continues input row expand[b]. The inputs are prefilled once and
     their KV cache is indexed out to the B rows (n samples of one prompt share its prefill); without it B = N.
+    Finished rows leave the batch: whenever the rows still sampling fall to `compact` × the rows in the forward
+    (0.75 by default; 0 never), the KV cache, mask and positions are indexed down to them, so later steps run
+    only those rows (`model.generate` keeps computing finished rows to the end). Tokens are drawn for the rows
+    in the forward, so the random stream depends on `compact` (greedy decoding does not).
     The model runs in eval mode (restored afterwards) and under bf16 autocast when `cfg.bf16`.
     """
     was_training = model.training
     model.eval()
+    device = input_ids.device
     mask = attention_mask.long()  # [N, L]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, L] left padding does not shift positions
     cols: list[tuple[Tensor, ...]] = []
     try:
-        with torch.autocast(device_type=input_ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1)
             cache, logits = output_cache(out), out.logits[:, -1]  # logits: [N, V]
@@ -157,23 +162,41 @@ def sample_tokens(model: PreTrainedModel, input_ids: Tensor, attention_mask: Ten
                 cache.batch_select_indices(expand)
                 logits, mask, positions = logits[expand], mask[expand], positions[expand]
             B = mask.shape[0]
-            stops = torch.tensor(stop_ids, device=input_ids.device)
-            alive = torch.ones(B, dtype=torch.bool, device=input_ids.device)  # [B] not yet past a stop token
+            stops = torch.tensor(stop_ids, device=device)
+            rows = torch.arange(B, device=device)  # [b] output row of each row in the forward
+            live = torch.ones(B, dtype=torch.bool, device=device)  # [b] not yet past a stop token
             for _ in range(cfg.max_new_tokens):
-                token, stats = _sample_step(logits.float(), cfg, generator)  # [B], 4 x [B]
-                token = torch.where(alive, token, torch.full_like(token, pad_id))
-                cols.append((token, alive.clone(), *stats))
-                alive &= ~torch.isin(token, stops)
-                if not bool(alive.any()):
+                token, stats = _sample_step(logits.float(), cfg, generator)  # [b], 4 x [b]
+                token = torch.where(live, token, torch.full_like(token, pad_id))
+                cols.append(_scatter_column(rows, B, pad_id, token, live, stats))
+                live &= ~torch.isin(token, stops)
+                n_live = int(live.sum())
+                if n_live == 0:
                     break
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # [B, L + t + 1]
-                positions = positions[:, -1:] + 1  # [B, 1]
+                if n_live <= compact * live.numel():  # drop finished rows from the forward
+                    keep = live.nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    rows, live, token, mask, positions = rows[keep], live[keep], token[keep], mask[keep], \
+                        positions[keep]
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [b, L + t + 1]
+                positions = positions[:, -1:] + 1  # [b, 1]
                 out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                             use_cache=True, **{cache_kwarg(model): cache})
                 cache, logits = output_cache(out), out.logits[:, -1]
     finally:
         model.train(was_training)
-    return _stack(cols, B, input_ids.device)
+    return _stack(cols, B, device)
+
+
+def _scatter_column(rows: Tensor, B: int, pad_id: int, token: Tensor, live: Tensor,
+                    stats: list[Tensor]) -> tuple[Tensor, ...]:
+    """One decoding step's values for the rows in the forward [b] -> full columns [B] (pad / False / 0 elsewhere)."""
+    if rows.numel() == B:
+        return (token, live.clone(), *stats)
+    full_token = torch.full((B,), pad_id, dtype=token.dtype, device=token.device).index_copy(0, rows, token)
+    full_live = torch.zeros(B, dtype=torch.bool, device=token.device).index_copy(0, rows, live)
+    return (full_token, full_live, *(torch.zeros(B, dtype=x.dtype, device=x.device).index_copy(0, rows, x)
+                                     for x in stats))
 
 
 def _sample_step(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
