@@ -6,12 +6,17 @@
 
 On Linux the kernel's high-water mark (VmHWM) is reset at entry by writing "5" to /proc/self/clear_refs, so the
 peak belongs to the block alone; where that is refused, a thread samples VmRSS every 2 ms (which can miss a peak
-shorter than that). `method` says which was used. RSS counts everything the process holds (weights, optimizer
-state, allocator slack), so compare blocks measured the same way in one process, or their `delta_mb`.
+shorter than that). `method` says which was used. Before the reset, glibc's `malloc_trim(0)` hands freed heap
+pages back to the kernel, so memory an earlier block freed but the allocator kept (seen: 2 GiB after a full-logits
+update) does not count as this block's. RSS still counts everything the process holds (weights, optimizer state),
+so compare blocks measured the same way in one process, or their `delta_mb`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import re
 import threading
 import time
@@ -27,6 +32,15 @@ def _status_kb(key: str) -> int | None:
         return int(m.group(1)) if m else None
     except OSError:
         return None
+
+
+def trim_heap() -> None:
+    """Collect garbage and return freed heap pages to the kernel (glibc `malloc_trim`; a no-op elsewhere)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def rss_mb() -> float:
@@ -48,6 +62,7 @@ class PeakMemory:
         self._sampled = 0.0
 
     def __enter__(self) -> PeakMemory:
+        trim_heap()
         self.start_mb = rss_mb()
         try:
             with open("/proc/self/clear_refs", "w") as f:
