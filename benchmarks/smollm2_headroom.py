@@ -31,6 +31,7 @@ from creditlab.train.loop import evaluate
 # name -> (task, task_kwargs, max_new_tokens)
 CANDIDATES = {
     "chain_sum_1d": ("chain_sum", {"digits": 1, "terms": 2}, 40),
+    "chain_sum_1d3": ("chain_sum", {"digits": 1, "terms": 3}, 40),
     "chain_sum_2d": ("chain_sum", {"digits": 2, "terms": 2}, 40),
     "chain_sum_2d3": ("chain_sum", {"digits": 2, "terms": 3}, 48),
     "basic_arithmetic": ("basic_arithmetic", {}, 64),

@@ -37,8 +37,10 @@ SFT_STEPS = 600
 RL_STEPS = 60
 EVAL_PROBLEMS = 128
 # The demo's numbers depend on the torch thread count (the order of float reductions in matmuls) and on the CPU's
-# kernels (AVX2 vs AVX-512 paths); the README's were printed with this many threads, which the demo sets.
-DEMO_THREADS = 2
+# kernels (AVX2 vs AVX-512 paths). The demo sets one thread: the tiny model's matmuls gain nothing from a second
+# one, and with one thread the numbers do not depend on the core count, nor does a busy machine slow it down by
+# making threads wait for each other (two threads on an oversubscribed 2-core machine ran the SFT ~30x slower).
+DEMO_THREADS = 1
 
 
 def demo_train_config(policy_dir: str, estimator: str, out_dir: str, seed: int, steps: int = RL_STEPS,
