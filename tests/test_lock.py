@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11 (the locked envs are 3.11)")
+tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
 ROOT = Path(__file__).resolve().parent.parent
 LOCKS = {"core": ".venv", "trl": ".venv-trl", "verl": ".venv-verl"}
 
