@@ -21,6 +21,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from creditlab.policy import Policy, load_policy
 from creditlab.rollout.hf import SamplingConfig, generate
 from creditlab.tasks import Problem, get_task
@@ -34,6 +36,11 @@ TASK_KWARGS = json.dumps({"n_steps": 2, "ops": "+-", "instructions": False, "slo
 SFT_STEPS = 600
 RL_STEPS = 60
 EVAL_PROBLEMS = 128
+# The demo's numbers depend on the torch thread count (the order of float reductions in matmuls) and on the CPU's
+# kernels (AVX2 vs AVX-512 paths). The demo sets one thread: the tiny model's matmuls gain nothing from a second
+# one, and with one thread the numbers do not depend on the core count, nor does a busy machine slow it down by
+# making threads wait for each other (two threads on an oversubscribed 2-core machine ran the SFT ~30x slower).
+DEMO_THREADS = 1
 
 
 def demo_train_config(policy_dir: str, estimator: str, out_dir: str, seed: int, steps: int = RL_STEPS,
@@ -95,11 +102,13 @@ ROLLOUT_FIELDS = ("response_ids", "logprobs", "entropies", "certainty", "token_l
 
 def run_demo(out_root: str = "runs/demo", seed: int = 0, other: str = "tempo", *, sft_steps: int = SFT_STEPS,
              rl_steps: int = RL_STEPS, eval_problems: int = EVAL_PROBLEMS) -> list[dict]:
-    """Run the demo and print its table; the size knobs exist for the smoke test.
+    """Run the demo and print its table; the size knobs exist for the smoke test. Sets `DEMO_THREADS` torch threads
+    (and leaves them set) so that the printed numbers do not depend on the machine's core count.
 
     Writes into `out_root` only: the demo's own subdirectories (`demo_dirs`) are replaced when `out_root` holds the
     marker of an earlier demo; any other non-empty directory is refused (`check_demo_args`)."""
     check_demo_args(out_root, other, steps=rl_steps, eval_problems=eval_problems)
+    torch.set_num_threads(DEMO_THREADS)
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("written by `creditlab demo`; the demo replaces its own subdirectories here\n")

@@ -97,28 +97,34 @@ def list_policies() -> list[str]:
 
 
 def load_policy(name: str, *, seed: int = 0, cache_dir: str | None = None, dtype: torch.dtype = torch.float32,
-                **tiny_kwargs: Any) -> Policy:
+                device: torch.device | str = "cpu", **tiny_kwargs: Any) -> Policy:
     """Load a policy by name ("tiny", "smollm2") or from a local HF model directory.
 
     seed:        initialisation seed of "tiny" (ignored otherwise; the global RNG is left untouched).
     cache_dir:   cache root for the converted SmolLM2 (default `$CREDITLAB_CACHE` or `~/.cache/creditlab`).
     dtype:       parameter dtype (fp32 master weights by default).
+    device:      where the model's parameters go ("cpu", "cuda", ...; weights are built or read on the CPU first,
+                 so "tiny" has the same initial weights on every device).
     tiny_kwargs: size knobs of "tiny": n_layers, d_model, n_heads, d_ff, max_positions (see `tiny_config`).
     """
     if tiny_kwargs and name != "tiny":
         raise ValueError(f"size keywords {sorted(tiny_kwargs)} apply only to the 'tiny' policy, not {name!r}")
     if name == "tiny":
-        return _load_tiny(seed=seed, dtype=dtype, **tiny_kwargs)
-    if name == "smollm2":
-        return _load_local(str(_smollm2_dir(cache_dir)), dtype=dtype, name="smollm2")
-    if Path(name).is_dir():
+        policy = _load_tiny(seed=seed, dtype=dtype, **tiny_kwargs)
+    elif name == "smollm2":
+        policy = _load_local(str(_smollm2_dir(cache_dir)), dtype=dtype, name="smollm2")
+    elif Path(name).is_dir():
         check_policy_dir(Path(name))
         try:
-            return _load_local(name, dtype=dtype, name=name)
+            policy = _load_local(name, dtype=dtype, name=name)
         except Exception as e:  # anything a user's directory makes transformers raise
             msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
             raise ValueError(f"cannot load the policy in {name}: {type(e).__name__}: {msg}") from e
-    raise ValueError(f"unknown policy {name!r}: expected one of {list_policies()} or a local model directory")
+    else:
+        raise ValueError(f"unknown policy {name!r}: expected one of {list_policies()} or a local model directory")
+    if torch.device(device) != policy.model.device:
+        policy.model.to(device)
+    return policy
 
 
 # ---------------------------------------------------------------------------------------------------- tiny

@@ -35,6 +35,7 @@ class RunConfig:
     steps: int = 40  # RL steps (one batch of prompts each)
     resume: bool = False  # continue from out_dir's latest checkpoint
     train_pool: int = 4096  # number of training problems drawn from the task
+    device: str = "auto"  # where the policy, batches, estimator and update run: auto (cuda if present), cpu, cuda[:N]
 
     def validate(self) -> None:
         at_least(self, steps=1, train_pool=1)
@@ -54,7 +55,7 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
     max_new_tokens: int = 64  # response length limit (T)
-    bf16: bool = False  # sample under bf16 autocast (fp32 master weights); faster on CPU for 100M+ models
+    bf16: bool | None = None  # sample under bf16 autocast (fp32 weights); unset: auto = native bf16 and 50M+ params
 
     def validate(self) -> None:
         at_least(self, prompts_per_step=1, group_size=1, max_new_tokens=1)
@@ -80,7 +81,7 @@ class OptimConfig:
     kl_coef: float = 0.0  # KL-to-reference coefficient in the loss (0: no reference model is loaded)
     kl_kind: KLKind = "k3"  # KL estimator
     max_grad_norm: float = 1.0  # gradient clipping
-    update_bf16: bool = False  # update forward/backward under bf16 autocast (fp32 master weights and AdamW state)
+    update_bf16: bool | None = None  # update fwd/bwd under bf16 autocast (fp32 weights, AdamW); unset: as --bf16 auto
 
     def validate(self) -> None:
         at_least(self, warmup_steps=0, ppo_epochs=1, minibatches=1, lr=0.0, weight_decay=0.0, clip_high=0.0,
@@ -300,7 +301,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         tp = hints[f.name]
         kw: dict[str, Any] = {"dest": prefix + f.name, "default": f.default, "help": helps.get(f.name, "")}
         origin, args = typing.get_origin(tp), typing.get_args(tp)
-        if tp is bool:
+        if tp is bool or (type(None) in args and bool in args):  # bool | None: --x, --no-x, or unset (None)
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is Literal:
             kw.update(choices=list(args), type=type(args[0]))

@@ -10,6 +10,7 @@ rules are in `creditlab.train.rundir`, checkpoints (atomic, verified, read witho
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import torch
 
 from creditlab.batch import RolloutBatch
 from creditlab.credit.metrics import advantage_metrics
+from creditlab.device import device_info, resolve_bf16, resolve_device
 from creditlab.policy import Policy, load_policy
 from creditlab.registry import get_estimator, get_spec
 from creditlab.rollout.hf import SamplingConfig, generate, sequence_logprobs
@@ -142,6 +144,7 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
                                             batch.response_mask, temperature=r.temperature)
         batch = batch.replace(ref_logprobs=ref_logp)
     batch = produce_signals(batch, ctx["needs"], signal_ctx)
+    batch = batch.to(batch.response_ids.device)  # fields a producer made on the CPU join the policy's device
     t2 = time.perf_counter()
     credit = get_estimator(cfg.run.estimator)(batch, **ctx["est_kwargs"])
     t3 = time.perf_counter()
@@ -183,17 +186,20 @@ def build_run(cfg: TrainConfig) -> dict[str, Any]:
         held_out = task.problems("test", cfg.eval.eval_problems, cfg.run.seed)
     except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"--task {cfg.run.task} --task-kwargs {cfg.run.task_kwargs}: {one_line(e)}") from None
+    device = resolve_device(cfg.run.device)
     try:
-        policy = load_policy(cfg.run.policy, seed=cfg.run.seed)
+        policy = load_policy(cfg.run.policy, seed=cfg.run.seed, device=device)
     except ValueError as e:
         raise ValueError(f"--policy: {one_line(e)}") from None
+    cfg = with_precision(cfg, device, policy.model)  # auto (None) precision decided for this device and model
     ref_model = None
     if cfg.optim.kl_coef > 0 or "ref_logprobs" in spec.needs:  # copied before a resume loads the trained weights
         ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     optim = torch.optim.AdamW(policy.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     return {"policy": policy, "task": task, "ref_model": ref_model, "optim": optim, "needs": spec.needs,
             "components": build_components(cfg, spec, policy, task), "est_kwargs": cfg.estimator_kwargs(),
-            "rollout": build_rollout(cfg, task), "pool": pool, "held_out": held_out}
+            "rollout": build_rollout(cfg, task), "pool": pool, "held_out": held_out, "cfg": cfg,
+            "device": device}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -208,12 +214,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         lock.close()
 
 
-def _run(cfg: TrainConfig, ctx: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def _run(asked: TrainConfig, ctx: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    cfg = ctx["cfg"]  # precision decided; config.json keeps what was asked (auto = None) for --resume checks
     policy, task, optim, components = ctx["policy"], ctx["task"], ctx["optim"], ctx["components"]
     state = load_checkpoint(run_dir, policy.model, optim, components) if cfg.run.resume else TrainState()
     if state.step > cfg.run.steps:
         raise ValueError(f"--steps {cfg.run.steps} is below step {state.step} of the checkpoint in {run_dir}")
-    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    atomic_write_text(run_dir / "config.json", json.dumps(asked.to_dict(), indent=2))
+    precision = {"rollout_bf16": cfg.rollout.bf16, "update_bf16": cfg.optim.update_bf16}
+    atomic_write_text(run_dir / "device.json", json.dumps(precision | device_info(ctx["device"]), indent=2))
     logger = Logger(run_dir, tensorboard=cfg.log.tensorboard, keep_until=state.step if cfg.run.resume else None)
     evaluate_now = lambda: evaluate(policy, task, ctx["held_out"], max_new_tokens=cfg.rollout.max_new_tokens)  # noqa: E731
     if state.step == 0:
@@ -242,6 +251,14 @@ def _run(cfg: TrainConfig, ctx: dict[str, Any], run_dir: Path) -> dict[str, Any]
     policy.tokenizer.save_pretrained(run_dir / "policy")
     return {"run_dir": str(run_dir), "initial_accuracy": initial, "final_accuracy": logger.last("eval/accuracy"),
             "steps": state.step, "samples": state.samples}
+
+
+def with_precision(cfg: TrainConfig, device: torch.device, model: torch.nn.Module) -> TrainConfig:
+    """A copy of `cfg` with --bf16 / --update-bf16 decided: unset (None) means auto (`creditlab.device`)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    rollout = dataclasses.replace(cfg.rollout, bf16=resolve_bf16(cfg.rollout.bf16, device, n_params))
+    optim = dataclasses.replace(cfg.optim, update_bf16=resolve_bf16(cfg.optim.update_bf16, device, n_params))
+    return dataclasses.replace(cfg, rollout=rollout, optim=optim)
 
 
 def _progress(cfg: TrainConfig, start: int, acc: float | None) -> Any:
