@@ -164,6 +164,7 @@ class SearchQA:
     instructions = ("Answer the question using the search tool. Reply with exactly one action per turn: "
                     "'search: <query>' to search the knowledge base, or 'answer: <answer>' to give the final answer.")
     answer_template = "answer: {answer}"
+    stratum_tool = "search"  # Stratified GRPO's strata: search calls per episode
 
     def __init__(self, *, kb_seed: int = 0, people: int = 40, cities: int = 12, countries: int = 4,
                  companies: int = 12, top_k: int = 2, reward: str = "em", retrieval_reward: float = 0.0,

@@ -8,7 +8,8 @@
 Names: ``arith_chain`` (procedural, oracle step labels), the reasoning-gym families ``chain_sum``,
 ``basic_arithmetic``, ``countdown``, ``gsm_symbolic`` and any other reasoning-gym dataset as ``gym:<name>``, and
 ``gsm8k`` (local GSM8K-format files, ``path=...``), and the environments of `creditlab.envs` (``sokoban``,
-``frozenlake``, ``search``: multi-turn, rolled out by `creditlab.rollout.multiturn`). Options are keyword arguments of the task's constructor.
+``frozenlake``, ``search``: multi-turn, rolled out by `creditlab.rollout.multiturn`). Options are keyword arguments
+of the task's constructor.
 """
 
 from __future__ import annotations

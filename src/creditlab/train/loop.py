@@ -273,7 +273,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
            "pool": task.problems("train", cfg.run.train_pool, cfg.run.seed), "needs": spec.needs,
            "est_kwargs": cfg.estimator_kwargs(), "rollout": build_rollout(cfg, task), "components": components}
     held_out = task.problems("test", cfg.eval.eval_problems, cfg.run.seed)
-    evaluate_now = lambda: evaluate(policy, task, held_out, max_new_tokens=cfg.rollout.max_new_tokens)  # noqa: E731
+    custom = getattr(ctx["rollout"], "evaluate", None)  # multi-turn rollouts evaluate whole episodes
+    evaluate_now = (lambda: custom(policy, task, held_out, cfg.rollout)) if callable(custom) else \
+        (lambda: evaluate(policy, task, held_out, max_new_tokens=cfg.rollout.max_new_tokens))
     if state.step == 0:
         logger.log(0, {"eval/accuracy": evaluate_now(), "samples": 0})
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
