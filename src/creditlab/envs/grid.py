@@ -70,6 +70,7 @@ class Sokoban:
         self.boxes: frozenset[tuple[int, int]] = frozenset()
         self.player = (0, 0)
         self.done, self.optimal_moves = True, 0
+        self.solution: list[str] = []  # a shortest move list from the reset state
 
     # ---------------------------------------------------------------- level generation
     def _draw(self, rng: random.Random) -> tuple[frozenset, frozenset, frozenset, tuple[int, int]]:
@@ -87,13 +88,14 @@ class Sokoban:
         rng = random.Random(f"sokoban:{self.size}:{self.n_boxes}:{self.n_walls}:{seed}")
         for _ in range(10_000):
             walls, targets, boxes, player = self._draw(rng)
-            n = _solve(walls, targets, boxes, player, self.max_moves)
-            if n is not None and n >= self.min_moves:
+            path = _solve(walls, targets, boxes, player, self.max_moves)
+            if path is not None and len(path) >= self.min_moves:
                 break
         else:
             raise ValueError(f"sokoban: no solvable level within {self.max_moves} moves for these settings")
         self.walls, self.targets, self.boxes, self.player = walls, targets, boxes, player
-        self.done, self.optimal_moves = False, n
+        self.done, self.solution = False, path
+        self.optimal_moves = len(path)
         return self.render()
 
     # ---------------------------------------------------------------- dynamics
@@ -144,18 +146,23 @@ class Sokoban:
 
 
 def _solve(walls: frozenset, targets: frozenset, boxes: frozenset, player: tuple[int, int],
-           limit: int) -> int | None:
-    """Fewest moves that put every box on a target (breadth-first over (player, boxes)); None if > limit."""
+           limit: int) -> list[str] | None:
+    """A shortest move list that puts every box on a target (breadth-first over (player, boxes)); None if no
+    solution has at most ``limit`` moves."""
     start = (player, boxes)
-    seen = {start}
+    parent: dict[Any, Any] = {start: None}
     frontier: deque[tuple[tuple[int, int], frozenset, int]] = deque([(player, boxes, 0)])
     while frontier:
         pos, bx, d = frontier.popleft()
         if bx <= targets:
-            return d
+            path, node = [], (pos, bx)
+            while parent[node] is not None:
+                node, move = parent[node]
+                path.append(move)
+            return path[::-1]
         if d == limit:
             continue
-        for dr, dc in MOVES.values():
+        for name, (dr, dc) in MOVES.items():
             nxt = (pos[0] + dr, pos[1] + dc)
             if nxt in walls:
                 continue
@@ -165,8 +172,8 @@ def _solve(walls: frozenset, targets: frozenset, boxes: frozenset, player: tuple
                 if beyond in walls or beyond in bx:
                     continue
                 nb = (bx - {nxt}) | {beyond}
-            if (nxt, nb) not in seen:
-                seen.add((nxt, nb))
+            if (nxt, nb) not in parent:
+                parent[(nxt, nb)] = ((pos, bx), name)
                 frontier.append((nxt, nb, d + 1))
     return None
 

@@ -72,4 +72,10 @@ class EnvTask:
         return Score(reward=total, correct=success)
 
     def demonstration(self, problem: Problem) -> str:
-        raise NotImplementedError(f"{self.name}: environment tasks have no demonstrations")
+        """A shortest solution, one move per line (environments that know one, e.g. sokoban)."""
+        env = self.make_env()
+        env.reset(problem.meta["env_seed"])
+        moves = getattr(env, "solution", None)
+        if not moves:
+            raise NotImplementedError(f"{self.name}: this environment has no demonstrations")
+        return "\n".join(moves)
