@@ -45,6 +45,7 @@ def test_row_layout_masks_and_turn_fields(tiny):
             assert b.anchor_states[row, n] == state_hash(env.state_key())
             obs, reward, done, _ = env.step(tiny.tokenizer.decode(action, skip_special_tokens=True))
             assert b.turn_rewards[row, n] == pytest.approx(reward)
+            assert not done or n == k - 1  # an episode ends at its last turn
             expected += action + (fmt.ids(obs) if n < k - 1 else [])
         n_valid = len(expected)
         assert ids[:n_valid].tolist() == expected and (ids[n_valid:] == pad).all()
