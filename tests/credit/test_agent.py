@@ -228,3 +228,19 @@ def test_missing_turn_fields_name_their_producer():
         get_estimator("gigpo")(b)
     with pytest.raises(ValueError, match=r"answer_probs.*info_gain"):
         get_estimator("igpo")(random_batch(seed=0).replace(answer_probs=None))
+
+
+def test_one_turn_episodes_reduce_to_grpo():
+    """A single-turn response is a one-turn episode (train.agent.single_turn_fields): igpo and mt_grpo give GRPO,
+    gigpo (mean_norm, one anchor per prompt) gives twice the centred reward (episode term + identical step term)."""
+    from creditlab.train.agent import single_turn_fields
+
+    b = random_batch(n_groups=4, max_group=5, T=6, seed=9, binary_rewards=False, empty_row_prob=0.0)
+    b = b.replace(turn_ids=None, turn_rewards=None, anchor_states=None, prompt_ids=b.group_ids[:, None] * 3,
+                  prompt_mask=torch.ones(b.B, 1, dtype=torch.bool))
+    b = b.replace(**single_turn_fields(b), answer_probs=torch.rand(b.B, 1)).validate()
+    grpo = get_estimator("grpo")(b).advantages
+    torch.testing.assert_close(get_estimator("igpo")(b).advantages, grpo, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(get_estimator("mt_grpo")(b).advantages, grpo, atol=1e-5, rtol=1e-5)
+    centred = get_estimator("grpo")(b, scale_by_std=False).advantages
+    torch.testing.assert_close(get_estimator("gigpo")(b).advantages, 2 * centred, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,9 @@ agent fields an estimator needs and logs how the episodes went.
   * ``step_ids = turn_ids`` when a step scorer runs (``--scorer``): on agent rows a step is a turn, so turn-level
     OPRL (``oprl_turn``) trains and reads the implicit PRM on turns (methods.md §6.4: "one row per agent step");
 and records ``agent/*`` metrics (turns, invalid actions, success, tool calls, anchor-state repetition).
+On a single-turn task (no environment) the component exists only when the estimator reads turn fields: a response
+is then a one-turn episode (turn_ids = 0 on its tokens, turn_rewards = [R], anchor_states = a hash of the prompt,
+answer_probs from the task's gold answer), so the agent estimators run, and reduce, on any task.
 It holds no state (environments are rebuilt from each problem's seed every step), so resume needs nothing.
 """
 
@@ -23,6 +26,20 @@ import torch
 from creditlab.batch import RolloutBatch
 from creditlab.signals.produce import SignalContext
 from creditlab.train.components import Component
+
+TURN_FIELDS = ("turn_ids", "turn_rewards", "anchor_states", "answer_probs")
+
+
+def single_turn_fields(batch: RolloutBatch) -> dict[str, torch.Tensor]:
+    """A single-turn batch as one-turn episodes (turn 0 = the response; anchor = the prompt)."""
+    mask = batch.response_mask
+    fields: dict[str, torch.Tensor] = {"turn_ids": torch.where(mask, 0, -1), "turn_rewards": batch.rewards[:, None]}
+    if batch.prompt_ids is not None:
+        keyed = torch.where(batch.prompt_mask, batch.prompt_ids, -1)
+        fields["anchor_states"] = torch.unique(keyed, dim=0, return_inverse=True)[1][:, None]
+    else:
+        fields["anchor_states"] = batch.group_ids[:, None].clone()
+    return fields
 
 
 def is_env_task(task: Any) -> bool:
@@ -66,26 +83,38 @@ class AgentComponent(Component):
         from creditlab.signals.strata import strata_by_tool_calls
 
         scores = list(ctx.scores)
+        if not is_env_task(ctx.task):
+            return self._single_turn(batch, ctx)
         env = ctx.task.make_env()
         if "strata" in self.needs and batch.strata is None:
             strata = strata_by_tool_calls(scores, getattr(env, "stratum_tool", None), max_stratum=self.max_stratum)
             batch = batch.replace(strata=strata.to(batch.response_ids.device))
         if "answer_probs" in self.needs and batch.answer_probs is None:
-            from creditlab.signals.info_gain import answer_probs
 
             template = getattr(env, "answer_template", None)
             if template is None:
                 raise ValueError(f"igpo needs a question-answering environment (one with an answer_template); "
                                  f"{ctx.task.name!r} has none")
-            answers = [ctx.problems[g].answer for g in batch.group_ids.tolist()]
-            temperature = ctx.cfg.rollout.temperature if ctx.cfg is not None else 1.0
-            probs, n_tokens = answer_probs(ctx.policy, batch, answers, template=template, temperature=temperature,
-                                           chunk=self.chunk)
-            ctx.count("tokens/extra", n_tokens)
-            batch = batch.replace(answer_probs=probs)
+            batch = self._answer_probs(batch, ctx, template)
         if self.turn_steps and batch.step_ids is None:
             batch = batch.replace(step_ids=batch.turn_ids)
         self._metrics = self._episode_metrics(batch, scores)
+        return batch
+
+    def _answer_probs(self, batch: RolloutBatch, ctx: SignalContext, template: str) -> RolloutBatch:
+        from creditlab.signals.info_gain import answer_probs
+
+        answers = [ctx.problems[g].answer for g in batch.group_ids.tolist()]
+        temperature = ctx.cfg.rollout.temperature if ctx.cfg is not None else 1.0
+        probs, n_tokens = answer_probs(ctx.policy, batch, answers, template=template, temperature=temperature,
+                                       chunk=self.chunk)
+        ctx.count("tokens/extra", n_tokens)
+        return batch.replace(answer_probs=probs)
+
+    def _single_turn(self, batch: RolloutBatch, ctx: SignalContext) -> RolloutBatch:
+        batch = batch.replace(**{k: v for k, v in single_turn_fields(batch).items() if getattr(batch, k) is None})
+        if "answer_probs" in self.needs and batch.answer_probs is None:
+            batch = self._answer_probs(batch, ctx, "{answer}")
         return batch
 
     @staticmethod
@@ -109,8 +138,8 @@ class AgentComponent(Component):
 
 
 def agent_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
-    if not is_env_task(task):
+    if not is_env_task(task) and not set(TURN_FIELDS) & set(spec.needs):
         return None
     a = cfg.agent
     return AgentComponent(tuple(spec.needs), max_stratum=a.agent_max_stratum, chunk=a.agent_info_gain_chunk,
-                          turn_steps=bool(cfg.run.scorer))
+                          turn_steps=bool(cfg.run.scorer) and is_env_task(task))
