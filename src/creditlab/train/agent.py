@@ -90,7 +90,6 @@ class AgentComponent(Component):
             strata = strata_by_tool_calls(scores, getattr(env, "stratum_tool", None), max_stratum=self.max_stratum)
             batch = batch.replace(strata=strata.to(batch.response_ids.device))
         if "answer_probs" in self.needs and batch.answer_probs is None:
-
             template = getattr(env, "answer_template", None)
             if template is None:
                 raise ValueError(f"igpo needs a question-answering environment (one with an answer_template); "
