@@ -86,8 +86,8 @@ def report(args: argparse.Namespace, results: dict[str, list[list[dict]]], out: 
         lines.append(f"| {est} | {_ms(train)} | {_ms(final)} | {_ms(rep)} | {_ms(size)} |")
     ests = list(summary)
     if len(ests) >= 2:
-        base = ests[-1]
-        for est in ests[:-1]:
+        base = "grpo" if "grpo" in ests else ests[-1]
+        for est in (e for e in ests if e != base):
             d = statistics.mean(summary[est][0]) - statistics.mean(summary[base][0])
             noise = max(statistics.stdev(summary[e][0]) if len(summary[e][0]) > 1 else 0.0 for e in (est, base))
             verdict = "within noise" if abs(d) <= noise else "larger than the seeds' std"
