@@ -64,13 +64,13 @@ def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: i
         planning_mask=planning_mask, prm_logprobs=prm_logprobs,
         texts=[" ".join(str(int(t)) for t in ids[b, : int(lengths[b])]) for b in range(B)],
     )
-    batch = batch.replace(**_turn_fields(mask, seed, max_steps))
+    batch = batch.replace(**turn_fields(mask, seed, max_steps))
     if shuffle:
         batch = batch.select(torch.randperm(B, generator=g))
     return batch.validate()
 
 
-def _turn_fields(mask: torch.Tensor, seed: int, max_turns: int) -> dict[str, torch.Tensor]:
+def turn_fields(mask: torch.Tensor, seed: int, max_turns: int) -> dict[str, torch.Tensor]:
     """turn_ids (contiguous turns over the valid tokens), turn_rewards, anchor_states (few distinct values, so that
     anchor groups repeat) and answer_probs; drawn from their own generator so the other fields stay unchanged."""
     g = torch.Generator().manual_seed(seed + 7_777)

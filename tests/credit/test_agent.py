@@ -231,9 +231,9 @@ def test_missing_turn_fields_name_their_producer():
 
 
 def test_one_turn_episodes_reduce_to_grpo():
-    """A single-turn response is a one-turn episode (train.agent.single_turn_fields): igpo and mt_grpo give GRPO,
+    """A single-turn response is a one-turn episode (signals.turns.single_turn_fields): igpo and mt_grpo give GRPO,
     gigpo (mean_norm, one anchor per prompt) gives twice the centred reward (episode term + identical step term)."""
-    from creditlab.train.agent import single_turn_fields
+    from creditlab.signals.turns import single_turn_fields
 
     b = random_batch(n_groups=4, max_group=5, T=6, seed=9, binary_rewards=False, empty_row_prob=0.0)
     b = b.replace(turn_ids=None, turn_rewards=None, anchor_states=None, prompt_ids=b.group_ids[:, None] * 3,

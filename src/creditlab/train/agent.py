@@ -10,9 +10,8 @@ agent fields an estimator needs and logs how the episodes went.
   * ``step_ids = turn_ids`` when a step scorer runs (``--scorer``): on agent rows a step is a turn, so turn-level
     OPRL (``oprl_turn``) trains and reads the implicit PRM on turns (methods.md §6.4: "one row per agent step");
 and records ``agent/*`` metrics (turns, invalid actions, success, tool calls, anchor-state repetition).
-On a single-turn task (no environment) the component exists only when the estimator reads turn fields: a response
-is then a one-turn episode (turn_ids = 0 on its tokens, turn_rewards = [R], anchor_states = a hash of the prompt,
-answer_probs from the task's gold answer), so the agent estimators run, and reduce, on any task.
+On a single-turn task the turn fields come from `signals.turns` through the ordinary producers (a response is a
+one-turn episode), so the agent estimators run, and reduce, on any task; this component is for environment tasks.
 It holds no state (environments are rebuilt from each problem's seed every step), so resume needs nothing.
 """
 
@@ -26,20 +25,6 @@ import torch
 from creditlab.batch import RolloutBatch
 from creditlab.signals.produce import SignalContext
 from creditlab.train.components import Component
-
-TURN_FIELDS = ("turn_ids", "turn_rewards", "anchor_states", "answer_probs")
-
-
-def single_turn_fields(batch: RolloutBatch) -> dict[str, torch.Tensor]:
-    """A single-turn batch as one-turn episodes (turn 0 = the response; anchor = the prompt)."""
-    mask = batch.response_mask
-    fields: dict[str, torch.Tensor] = {"turn_ids": torch.where(mask, 0, -1), "turn_rewards": batch.rewards[:, None]}
-    if batch.prompt_ids is not None:
-        keyed = torch.where(batch.prompt_mask, batch.prompt_ids, -1)
-        fields["anchor_states"] = torch.unique(keyed, dim=0, return_inverse=True)[1][:, None]
-    else:
-        fields["anchor_states"] = batch.group_ids[:, None].clone()
-    return fields
 
 
 def is_env_task(task: Any) -> bool:
@@ -83,8 +68,6 @@ class AgentComponent(Component):
         from creditlab.signals.strata import strata_by_tool_calls
 
         scores = list(ctx.scores)
-        if not is_env_task(ctx.task):
-            return self._single_turn(batch, ctx)
         env = ctx.task.make_env()
         if "strata" in self.needs and batch.strata is None:
             strata = strata_by_tool_calls(scores, getattr(env, "stratum_tool", None), max_stratum=self.max_stratum)
@@ -110,12 +93,6 @@ class AgentComponent(Component):
         ctx.count("tokens/extra", n_tokens)
         return batch.replace(answer_probs=probs)
 
-    def _single_turn(self, batch: RolloutBatch, ctx: SignalContext) -> RolloutBatch:
-        batch = batch.replace(**{k: v for k, v in single_turn_fields(batch).items() if getattr(batch, k) is None})
-        if "answer_probs" in self.needs and batch.answer_probs is None:
-            batch = self._answer_probs(batch, ctx, "{answer}")
-        return batch
-
     @staticmethod
     def _episode_metrics(batch: RolloutBatch, scores: list[Any]) -> dict[str, float]:
         n = max(len(scores), 1)
@@ -137,8 +114,8 @@ class AgentComponent(Component):
 
 
 def agent_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
-    if not is_env_task(task) and not set(TURN_FIELDS) & set(spec.needs):
+    if not is_env_task(task):
         return None
     a = cfg.agent
     return AgentComponent(tuple(spec.needs), max_stratum=a.agent_max_stratum, chunk=a.agent_info_gain_chunk,
-                          turn_steps=bool(cfg.run.scorer) and is_env_task(task))
+                          turn_steps=bool(cfg.run.scorer))
