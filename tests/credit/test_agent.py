@@ -179,11 +179,13 @@ def test_oprl_turn_is_oprl_with_turns_as_steps():
     assert torch.equal(got, want)
     assert set(get_spec("oprl_turn").needs) == {n if n != "step_ids" else "turn_ids" for n in get_spec("oprl").needs}
     assert get_spec("oprl_turn").defaults == get_spec("oprl").defaults
+    assert {n: str(p.interval) for n, p in get_spec("oprl_turn").params.items()} == \
+        {n: str(p.interval) for n, p in get_spec("oprl").params.items()}
 
 
 def test_oprl_turn_with_prm_equal_to_reference_is_episode_rloo():
     b = random_batch(n_groups=3, max_group=4, T=9, seed=5)
-    b = b.replace(prm_logprobs=b.ref_logprobs, step_ids=None)
+    b = b.replace(prm_logprobs=b.logprobs, ref_logprobs=b.logprobs, step_ids=None)  # q = 0 whatever the denominator
     assert torch.allclose(get_estimator("oprl_turn")(b).advantages, get_estimator("rloo")(b).advantages, atol=1e-6)
 
 

@@ -27,7 +27,7 @@ from creditlab.credit.ops import (
 )
 from creditlab.credit.outcome import _check_singleton, group_advantage
 from creditlab.credit.process import oprl
-from creditlab.registry import estimator
+from creditlab.registry import estimator, get_spec
 
 F64 = torch.float64
 
@@ -124,7 +124,8 @@ def _episode_advantage_steps(R: Tensor, group_ids: Tensor, weight: Tensor, *, sc
     return torch.where(count[index] <= 1, r if singleton == "raw" else torch.zeros_like(a), a)
 
 
-@estimator("gigpo", needs=("turn_ids", "turn_rewards", "anchor_states"))
+@estimator("gigpo", needs=("turn_ids", "turn_rewards", "anchor_states"),
+           ranges={"gamma": "[0, 1]", "step_coef": "[0, inf)", "eps": "[0, inf)"})
 def gigpo(batch: RolloutBatch, *, gamma: float = 0.95, step_coef: float = 1.0,
           mode: Literal["mean_norm", "mean_std_norm"] = "mean_norm",
           episode_baseline: Literal["trajectory", "steps"] = "trajectory", eps: float = 1e-6,
@@ -175,7 +176,8 @@ def gigpo(batch: RolloutBatch, *, gamma: float = 0.95, step_coef: float = 1.0,
 
 
 # ---------------------------------------------------------------- IGPO
-@estimator("igpo", needs=("turn_ids", "answer_probs"))
+@estimator("igpo", needs=("turn_ids", "answer_probs"),
+           ranges={"gamma": "[0, 1]", "outcome_coef": "[0, inf)", "eps": "[0, inf)"})
 def igpo(batch: RolloutBatch, *, gamma: float = 1.0, outcome_coef: float = 1.0,
          norm: Literal["group", "turn_index", "none"] = "group", eps: float = 1e-6,
          singleton: Singleton = "zero") -> Credit:
@@ -220,7 +222,8 @@ def igpo(batch: RolloutBatch, *, gamma: float = 1.0, outcome_coef: float = 1.0,
 
 
 # ---------------------------------------------------------------- MT-GRPO
-@estimator("mt_grpo", needs=("turn_ids", "turn_rewards"))
+@estimator("mt_grpo", needs=("turn_ids", "turn_rewards"),
+           ranges={"turn_coef": "[0, inf)", "gamma": "[0, 1]", "eps": "[0, inf)"})
 def mt_grpo(batch: RolloutBatch, *, turn_coef: float = 1.0, gamma: float = 1.0, scale_by_std: bool = True,
             baseline: Literal["turn_index", "return_to_go"] = "turn_index", eps: float = 1e-6,
             singleton: Singleton = "zero") -> Credit:
@@ -278,9 +281,11 @@ _oprl_turn.__doc__ = (
     "OPRL / iStar at turn granularity: `oprl` with the turns as its steps (step_ids = turn_ids).\n\n"
     "Paper: Agentic RL with Implicit Step Rewards (iStar, arXiv 2509.19199), whose rows are agent steps; here one\n"
     "row is one episode and its turns are the steps, so s_{b,n} = beta * sum over turn n's tokens of the implicit\n"
-    "PRM's log-ratio. Everything else (formula, defaults, deviations, needs) is `oprl`'s, forwarded unchanged: see\n"
+    "PRM's log-ratio. Everything else (formula, defaults, ranges, deviations, needs) is `oprl`'s, forwarded: see\n"
     "creditlab.credit.process.oprl. Train with --scorer implicit --scorer-kwargs '{\"mode\": \"oprl\"}'; the agent\n"
     "component sets step_ids = turn_ids so the implicit PRM's trajectory loss also averages over turns.")
 _oprl_turn.__signature__ = inspect.signature(oprl.raw)  # type: ignore[attr-defined]
 _oprl_turn.__annotations__ = dict(oprl.raw.__annotations__)
-oprl_turn = estimator("oprl_turn", needs=tuple("turn_ids" if n == "step_ids" else n for n in oprl.needs))(_oprl_turn)
+_oprl_ranges = {n: str(p.interval) for n, p in get_spec("oprl").params.items() if p.interval is not None}
+oprl_turn = estimator("oprl_turn", needs=tuple("turn_ids" if n == "step_ids" else n for n in oprl.needs),
+                      ranges=_oprl_ranges)(_oprl_turn)
