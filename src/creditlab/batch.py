@@ -3,6 +3,7 @@
 Shape letters (used everywhere in creditlab):
     B  responses (rows) in the batch        T  padded response length (token columns)
     S  padded number of steps/segments      P  padded prompt length
+    N  padded number of turns (multi-turn agent rows; independent of S so that steps inside turns can coexist)
 
 A `RolloutBatch` is what estimators read; a `Credit` is what they return. Optional fields are filled by
 the signal producers named in `FIELDS`; an estimator declares the ones it reads in `@estimator(needs=...)`
@@ -87,6 +88,15 @@ FIELDS: dict[str, FieldSpec] = {
                            "creditlab.signals.attention"),
     "turn_ids": FieldSpec(("B", "T"), "long", "turn index of each token in multi-turn rows; -1 outside",
                           "a multi-turn environment"),
+    "turn_rewards": FieldSpec(("B", "N"), "float", "environment reward of each turn of a multi-turn row, "
+                              "invalid-action penalties included (rewards = their sum for creditlab's envs); "
+                              "0 beyond the row's last turn", "the multi-turn rollout (creditlab.rollout.multiturn)"),
+    "anchor_states": FieldSpec(("B", "N"), "long", "signed 64-bit hash of the canonical environment state "
+                               "(no history) each turn starts from: GiGPO's anchor state; 0 beyond the last turn",
+                               "the multi-turn rollout (creditlab.rollout.multiturn)"),
+    "answer_probs": FieldSpec(("B", "N"), "float", "policy probability of the ground-truth answer (exp of the "
+                              "mean token log-prob, teacher-forced) given the context before turn n (IGPO)",
+                              "creditlab.signals.info_gain (one extra forward per turn)"),
     "traj_ids": FieldSpec(("B",), "long", "trajectory id of each row when one row is one agent step",
                           "an agent environment"),
     "anchor_obs": FieldSpec(("B",), "long", "hash of the canonical environment state a row starts from",
@@ -132,6 +142,9 @@ class RolloutBatch:
     attn_fai: Tensor | None = None
     attn_waad: Tensor | None = None
     turn_ids: Tensor | None = None
+    turn_rewards: Tensor | None = None
+    anchor_states: Tensor | None = None
+    answer_probs: Tensor | None = None
     traj_ids: Tensor | None = None
     anchor_obs: Tensor | None = None
     strata: Tensor | None = None
@@ -202,8 +215,16 @@ class RolloutBatch:
                              f"response_mask, got {bad}")
         if self.step_ids is not None:
             self._check_step_ids(mask)
-        if self.turn_ids is not None and bool(((~mask) & (self.turn_ids != -1)).any()):
-            raise ValueError("RolloutBatch.turn_ids must be -1 outside response_mask")
+        if self.turn_ids is not None:
+            if bool(((~mask) & (self.turn_ids != -1)).any()):
+                raise ValueError("RolloutBatch.turn_ids must be -1 outside response_mask")
+            if bool((self.turn_ids < -1).any()):
+                raise ValueError("RolloutBatch.turn_ids must be >= -1 (-1 means 'no turn')")
+            for name in ("turn_rewards", "anchor_states", "answer_probs"):
+                turns = getattr(self, name)
+                if turns is not None and self.turn_ids.numel() and int(self.turn_ids.max()) >= turns.shape[1]:
+                    raise ValueError(f"RolloutBatch.{name} has N={turns.shape[1]} columns but turn_ids "
+                                     f"reaches {int(self.turn_ids.max())}")
         if self.step_labels is not None and bool(((self.step_labels < -1) | (self.step_labels > 1)).any()):
             raise ValueError("RolloutBatch.step_labels must be in {-1, 0, 1}")
         if self.prompt_ids is not None and self.prompt_mask is not None \

@@ -64,6 +64,21 @@ def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: i
         planning_mask=planning_mask, prm_logprobs=prm_logprobs,
         texts=[" ".join(str(int(t)) for t in ids[b, : int(lengths[b])]) for b in range(B)],
     )
+    batch = batch.replace(**turn_fields(mask, seed, max_steps))
     if shuffle:
         batch = batch.select(torch.randperm(B, generator=g))
     return batch.validate()
+
+
+def turn_fields(mask: torch.Tensor, seed: int, max_turns: int) -> dict[str, torch.Tensor]:
+    """turn_ids (contiguous turns over the valid tokens), turn_rewards, anchor_states (few distinct values, so that
+    anchor groups repeat) and answer_probs; drawn from their own generator so the other fields stay unchanged."""
+    g = torch.Generator().manual_seed(seed + 7_777)
+    B, T = mask.shape
+    cuts = torch.rand(B, T, generator=g) < (max_turns - 1) / max(T, 1)
+    turn_ids = torch.cumsum(cuts.long(), dim=1) - cuts[:, :1].long()
+    turn_ids = torch.where(mask, turn_ids.clamp_max(max_turns - 1), torch.full_like(turn_ids, -1))
+    N = max_turns
+    return {"turn_ids": turn_ids, "turn_rewards": torch.randint(-2, 3, (B, N), generator=g).float() / 2,
+            "anchor_states": torch.randint(0, 3, (B, N), generator=g),
+            "answer_probs": torch.rand(B, N, generator=g) * 0.98 + 0.01}

@@ -53,7 +53,22 @@ def values_from_critic(batch: RolloutBatch) -> torch.Tensor:
     return torch.where(batch.response_mask, 0.1 * torch.arange(batch.T).float(), 0.0)  # a fixed toy critic
 
 
+def one_turn(field):
+    """Single-turn completions as one-turn episodes (creditlab.signals.turns), one producer per turn field."""
+    from creditlab.signals.turns import single_turn_fields
+
+    return lambda batch: single_turn_fields(batch)[field]
+
+
+TURNS = {f: one_turn(f) for f in ("turn_ids", "turn_rewards", "anchor_states")}
+
+
 SOURCES = {  # how each estimator's extra fields are supplied from TRL
+    "gigpo": dict(field_producers=TURNS),
+    "mt_grpo": dict(field_producers={f: TURNS[f] for f in ("turn_ids", "turn_rewards")}),
+    "igpo": dict(field_producers={"turn_ids": TURNS["turn_ids"],
+                                  "answer_probs": lambda batch: torch.full((batch.B, 1), 0.5)}),
+    "oprl_turn": dict(implicit_prm={"lr": 1e-2}, field_producers={"turn_ids": TURNS["turn_ids"]}),
     "gae": dict(field_producers={"values": values_from_critic}),
     "hicra": dict(planning_grams=["a b"]),
     "stratified": dict(row_fields={"strata": "level"}),

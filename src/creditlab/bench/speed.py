@@ -86,7 +86,7 @@ def realistic_batch(B: int, T: int, *, group_size: int = 8, vocab: int = 32_000,
     step_labels = torch.where(torch.arange(S)[None, :] < n_step[:, None], torch.randint(0, 2, (B, S), generator=g), -1)
     last = (lengths - 1)[:, None]
     prompts = torch.randint(0, vocab, (int(group_ids.max()) + 1, prompt_len), generator=g)[group_ids]  # [B, P]
-    return RolloutBatch(
+    batch = RolloutBatch(
         response_ids=masked(ids), response_mask=mask, group_ids=group_ids, rewards=rewards,
         prompt_ids=prompts, prompt_mask=torch.ones(B, prompt_len, dtype=torch.bool),
         logprobs=masked(per_token["logprobs"]), ref_logprobs=masked(per_token["ref"]),
@@ -99,6 +99,9 @@ def realistic_batch(B: int, T: int, *, group_size: int = 8, vocab: int = 32_000,
         turn_ids=torch.where(mask, 0, -1), traj_ids=torch.arange(B), anchor_obs=torch.randint(0, 4, (B,), generator=g),
         strata=torch.randint(0, 3, (B,), generator=g), texts=[f"<{int(n)} tokens>" for n in lengths],
     ).validate()
+    from creditlab.sample import turn_fields
+
+    return batch.replace(**turn_fields(mask, seed, n_steps)).validate()  # turns for the agent estimators
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:

@@ -137,8 +137,15 @@ def scorer_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component |
         raise ValueError(f"--scorer {cfg.run.scorer} --scorer-kwargs {cfg.run.scorer_kwargs}: {one_line(e)}") from None
 
 
-# A factory: (TrainConfig, EstimatorSpec, Policy, Task) -> Component | None. Order is the order of `produce`.
-FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [scorer_component]
+def _agent_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.agent import agent_component
+
+    return agent_component(cfg, spec, policy, task)
+
+
+# A factory: (TrainConfig, EstimatorSpec, Policy, Task) -> Component | None. Order is the order of `produce`
+# (the agent component first: it sets step_ids = turn_ids for a step scorer on agent rows).
+FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [_agent_component, scorer_component]
 
 
 def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Component]:
@@ -151,5 +158,7 @@ def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Compon
 
 
 def build_rollout(cfg: Any, task: Any) -> Rollout:
-    """The run's rollout strategy (single-turn sampling unless a family registers another)."""
-    return SingleTurn()
+    """The run's rollout strategy: multi-turn episodes for environment tasks, else single-turn sampling."""
+    from creditlab.train.agent import build_agent_rollout
+
+    return build_agent_rollout(cfg, task) or SingleTurn()

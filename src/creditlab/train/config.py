@@ -118,12 +118,32 @@ class LogConfig:
 
 
 @dataclass
+class AgentConfig:
+    agent_max_turns: int = 6  # turn limit of a multi-turn episode (environment tasks; max_new_tokens caps each action)
+    agent_invalid_penalty: float = 0.1  # reward of an invalid action (verl-agent's coefficient 0.1); 0 disables it
+    agent_kv_reuse: bool = True  # append observations to the KV cache instead of re-prefilling every turn
+    agent_max_stratum: int = 4  # Stratified GRPO: tool-call counts above this share one stratum
+    agent_info_gain_chunk: int = 64  # IGPO: rows per forward pass of the answer-probability producer
+
+    def validate(self) -> None:
+        if self.agent_max_turns < 1:
+            raise ValueError(f"--agent-max-turns must be >= 1, got {self.agent_max_turns}")
+        if not self.agent_invalid_penalty >= 0:
+            raise ValueError(f"--agent-invalid-penalty must be >= 0, got {self.agent_invalid_penalty}")
+        if self.agent_max_stratum < 0:
+            raise ValueError(f"--agent-max-stratum must be >= 0, got {self.agent_max_stratum}")
+        if self.agent_info_gain_chunk < 1:
+            raise ValueError(f"--agent-info-gain-chunk must be >= 1, got {self.agent_info_gain_chunk}")
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

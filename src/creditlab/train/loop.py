@@ -224,7 +224,9 @@ def _run(asked: TrainConfig, ctx: dict[str, Any], run_dir: Path) -> dict[str, An
     precision = {"rollout_bf16": cfg.rollout.bf16, "update_bf16": cfg.optim.update_bf16}
     atomic_write_text(run_dir / "device.json", json.dumps(precision | device_info(ctx["device"]), indent=2))
     logger = Logger(run_dir, tensorboard=cfg.log.tensorboard, keep_until=state.step if cfg.run.resume else None)
-    evaluate_now = lambda: evaluate(policy, task, ctx["held_out"], max_new_tokens=cfg.rollout.max_new_tokens)  # noqa: E731
+    custom = getattr(ctx["rollout"], "evaluate", None)  # multi-turn rollouts evaluate whole episodes
+    evaluate_now = (lambda: custom(policy, task, ctx["held_out"], cfg.rollout)) if callable(custom) else \
+        (lambda: evaluate(policy, task, ctx["held_out"], max_new_tokens=cfg.rollout.max_new_tokens))
     if state.step == 0:
         logger.log(0, {"eval/accuracy": evaluate_now(), "samples": 0} if cfg.eval.eval_problems else {"samples": 0})
     initial = next((r.get("eval/accuracy") for r in logger.rows if r["step"] == 0), None)
