@@ -131,8 +131,14 @@ def scorer_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component |
     return ScorerComponent(get_scorer(cfg.run.scorer, **cfg.scorer_kwargs()))
 
 
+def mc_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.mc import build_mc_component  # Monte-Carlo values (spo_chain, vineppo); tree checks
+
+    return build_mc_component(cfg, spec, policy, task)
+
+
 # A factory: (TrainConfig, EstimatorSpec, Policy, Task) -> Component | None. Order is the order of `produce`.
-FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [scorer_component]
+FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [scorer_component, mc_component]
 
 
 def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Component]:
@@ -146,4 +152,8 @@ def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Compon
 
 def build_rollout(cfg: Any, task: Any) -> Rollout:
     """The run's rollout strategy (single-turn sampling unless a family registers another)."""
+    if cfg.mc.rollout == "tree":  # a segment tree per prompt (creditlab.rollout.tree)
+        from creditlab.rollout.tree import TreeRollout
+
+        return TreeRollout.from_config(cfg.mc)
     return SingleTurn()
