@@ -35,6 +35,7 @@ StepSplit = Literal["auto", "task", "newline", "double_newline"]
 TreeValue = Literal["mean_of_means", "leaf_mean"]
 TreeBaseline = Literal["parent_mean", "leave_one_out"]
 EdgeWeight = Literal["once", "per_leaf"]
+ZERO_EDGE = 1e-12  # |V(child) - baseline| at or below this is float rounding of equal values: exactly 0
 
 
 # ------------------------------------------------------------------------------------------------ cut segments
@@ -327,9 +328,10 @@ def spo_tree(batch: RolloutBatch, *, value: TreeValue = "mean_of_means", baselin
     `baseline="parent_mean"` (the code's mode it calls "rloo"): V(n) - V(p), where p's mean includes n;
     `"leave_one_out"`: V(n) - mean of the other k - 1 siblings' V (0 for an only child). `std_normalize` (the
     code's "grpo" mode): divide by the population std of the k siblings' V + eps (eps = 1e-8 as the code).
-    Edges whose advantage is exactly 0 are dropped (`drop_zero_edges`, the code's `only_adv_greater_than_zero`,
-    which tests != 0): they get 0 and leave the whitening statistics. Probability mask and whitening as spo_chain
-    (p >= threshold -> 0; mean / unbiased std over the kept tokens).
+    Edges whose advantage is exactly 0 (|V(n) - baseline| <= 1e-12 counts as 0: float rounding of equal values) are
+    dropped (`drop_zero_edges`, the code's `only_adv_greater_than_zero`, which tests != 0): they get 0 and leave the
+    whitening statistics. Probability mask and whitening as spo_chain (p >= threshold -> 0; mean / unbiased std over
+    the kept tokens).
     Each edge its own sample: the code trains (parent text -> segment) pairs. Here a row is a root-to-leaf path,
     so an edge's tokens appear in every row below it, with identical context and log-probs. `edge_weight="once"`
     (default) divides the advantage of each occurrence by the number of rows through that node and weights the
@@ -390,6 +392,7 @@ def _edge_advantages(V: Tensor, parent: Tensor, N: int, G: int, baseline: str, s
     else:
         others = (kn * child_mean - V[:N]) / (kn - 1).clamp_min(1)
         adv = torch.where(kn > 1, V[:N] - others, torch.zeros_like(others))
+    adv = torch.where(adv.abs() <= ZERO_EDGE, torch.zeros_like(adv), adv)  # equal values' rounding noise is 0
     if std_normalize:
         adv = adv / (sib_std + eps)
     return adv

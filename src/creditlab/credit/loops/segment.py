@@ -159,6 +159,7 @@ def loop_spo_tree(batch, value="mean_of_means", baseline="parent_mean", std_norm
                 else:
                     others = [u for (m, _), u in zip(kids, vals) if m != n]
                     a = v - sum(others) / len(others) if others else 0.0
+                a = 0.0 if abs(a) <= 1e-12 else a  # rounding noise of equal values
                 if std_normalize:
                     a = a / (std + eps)
                 edge_adv[n], rows_through[n] = a, len(kid["rows"])
