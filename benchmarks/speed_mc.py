@@ -2,7 +2,7 @@
 
     python benchmarks/speed_mc.py continuation [--policy tiny] [--prefixes 16] [--prefix-len 192] [--cont-len 32]
                                                [--samples 8] [--repeats 3] [--threads 1] [--device cpu]
-    python benchmarks/speed_mc.py train [--policy tiny] [--steps 2] [--threads 1]
+    python benchmarks/speed_mc.py train [--policy tiny] [--steps 2] [--threads 1] [--mc-samples 9] [--task-kwargs JSON]
 
 `continuation`: K continuations of each of N prefixes (prompt + partial response, `--prefix-len` tokens), two ways in
 one process on the same prefixes with the same seeds:
@@ -12,9 +12,10 @@ one process on the same prefixes with the same seeds:
 Both decode the same N*K rows for `--cont-len` tokens (EOS disabled, so both generate exactly N*K*cont-len tokens);
 the table gives continuation tokens per second (median of --repeats) and their ratio.
 
-`train`: one short `creditlab train` run per estimator on tiny/arith_chain (grpo, spo_chain, vineppo with independent
+`train`: one short `creditlab train` run per estimator on arith_chain (grpo, spo_chain, vineppo with independent
 samples; spo_tree and treepo on segment trees) and the work per step from metrics.jsonl: the policy's own samples,
-the Monte-Carlo continuations (`samples/extra`), their tokens, and the step time.
+the Monte-Carlo continuations (`samples/extra`), their tokens, and the step time. Use a warm-started `--policy`: an
+untrained one puts nearly every token below SPO's probability threshold and writes no reasoning steps.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ RUNS = [("grpo", []), ("spo_chain", []), ("vineppo", []),
 def train_bench(args: argparse.Namespace) -> dict:
     from creditlab.cli import main as cli
 
-    base = ["--task", "arith_chain", "--task-kwargs", '{"n_steps": 2}', "--policy", args.policy, "--steps",
+    base = ["--task", "arith_chain", "--task-kwargs", args.task_kwargs, "--policy", args.policy, "--steps",
             str(args.steps), "--prompts-per-step", "8", "--group-size", "8", "--max-new-tokens", "32",
             "--eval-problems", "4", "--eval-every", "1000", "--no-tensorboard", "--no-progress", "--sample-every", "0",
             "--mc-samples", str(args.mc_samples)]
@@ -130,6 +131,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=2, help="train: RL steps per estimator")
     p.add_argument("--mc-samples", type=int, default=9, help="train: --mc-samples")
+    p.add_argument("--task-kwargs", default='{"n_steps": 2}', help="train: arith_chain options (JSON)")
     p.add_argument("--out", default="", help="write the result as JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
