@@ -81,7 +81,8 @@ FIELDS: dict[str, FieldSpec] = {
                            "creditlab.signals.mc (continuations from prefixes)"),
     "mc_cuts": FieldSpec(("B", "C"), "long", "response prefix length (token columns; 0 = the prompt alone) of the "
                          "state whose value mc_values holds in the same column; -1 on padding columns, which come "
-                         "last; strictly increasing and < T", "creditlab.signals.mc (a cut rule per estimator)"),
+                         "last; strictly increasing; inside the row's response",
+                         "creditlab.signals.mc (a cut rule per estimator)"),
     "tree_node": FieldSpec(("B", "T"), "long", "id of the segment-tree node each response token was sampled in: "
                            "rows that share an id share that segment and every segment before it",
                            "creditlab.rollout.tree (--rollout tree)"),
@@ -293,10 +294,11 @@ def _check_field(name: str, value: Any, sizes: dict[str, int], sources: dict[str
 
 
 def _check_cuts(cuts: Tensor, T: int) -> None:
-    """mc_cuts: -1 padding after the valid columns, valid cuts strictly increasing in [0, T)."""
+    """mc_cuts: -1 padding after the valid columns, valid cuts strictly increasing (estimators check each cut
+    against its row's response length; with T = 0 every row is empty and no cut is read)."""
     valid = cuts >= 0  # [B, C]
-    if bool((cuts < -1).any()) or bool((cuts >= max(T, 1)).any()):
-        raise ValueError(f"RolloutBatch.mc_cuts must be -1 (padding) or a prefix length in [0, T={T})")
+    if bool((cuts < -1).any()) or bool((cuts >= MAX_ID).any()):
+        raise ValueError("RolloutBatch.mc_cuts must be -1 (padding) or a prefix length in [0, 2^31)")
     if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
         raise ValueError("RolloutBatch.mc_cuts must hold its valid cuts first and -1 padding after them")
     if bool((valid[:, 1:] & (cuts[:, 1:] <= cuts[:, :-1])).any()):

@@ -113,7 +113,8 @@ def _check_prob(threshold: float) -> None:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
 
 
-@estimator("spo_chain", needs=("logprobs", "mc_values", "mc_cuts"))
+@estimator("spo_chain", needs=("logprobs", "mc_values", "mc_cuts"),
+           ranges={"threshold": "(0, 1]", "interval": "[1, inf)"})
 def spo_chain(batch: RolloutBatch, *, threshold: float = 0.9, interval: int = 5, prompt_value: PromptValue = "mc",
               prob_mask: bool = True, whiten: bool = True) -> Credit:
     """SPO-chain: segments cut before low-probability tokens, advantage V(end) - V(start) from Monte-Carlo values.
@@ -160,7 +161,7 @@ def spo_chain(batch: RolloutBatch, *, threshold: float = 0.9, interval: int = 5,
         mc_cuts_mean=float(((cuts >= 0) & mask.any(dim=1, keepdim=True)).sum()) / rows))
 
 
-@estimator("vineppo", needs=("mc_values", "mc_cuts"))
+@estimator("vineppo", needs=("mc_values", "mc_cuts"), ranges={"max_steps": "[1, inf)"})
 def vineppo(batch: RolloutBatch, *, whiten: bool = True, max_steps: int | None = None, steps: StepSplit = "auto"
             ) -> Credit:
     """VinePPO: V at every reasoning-step boundary from K Monte-Carlo rollouts, A_k = r_k + V(s_{k+1}) - V(s_k).
@@ -310,7 +311,7 @@ def _weighted_whiten(x: Tensor, keep: Tensor, w: Tensor, eps: float = 1e-8) -> T
     return torch.where(keep, out, torch.zeros_like(out))
 
 
-@estimator("spo_tree", needs=("tree_node", "logprobs"))
+@estimator("spo_tree", needs=("tree_node", "logprobs"), ranges={"threshold": "(0, 1]", "eps": "[0, inf)"})
 def spo_tree(batch: RolloutBatch, *, value: TreeValue = "mean_of_means", baseline: TreeBaseline = "parent_mean",
              std_normalize: bool = False, edge_weight: EdgeWeight = "once", drop_zero_edges: bool = True,
              threshold: float = 0.9, prob_mask: bool = True, whiten: bool = True, eps: float = 1e-8) -> Credit:
