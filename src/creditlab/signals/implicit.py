@@ -147,6 +147,7 @@ class ImplicitPRMScorer(Scorer):
     def _ensure(self, ctx: Any) -> None:
         if self.prm is None:
             self._init_models(ctx.policy.model)
+            self._apply_pending()  # a resumed scorer: the copied architecture gets the checkpointed weights
 
     def logprobs(self, batch: RolloutBatch, *, grad: bool = False) -> tuple[Tensor, Tensor]:
         """(prm_logp, ref_logp), each [B,T] and 0 outside the mask; ``grad`` keeps π_φ's graph.
@@ -232,3 +233,38 @@ class ImplicitPRMScorer(Scorer):
         gap = whole[right].mean() - whole[wrong].mean() if bool(right.any() and wrong.any()) else whole.sum() * 0
         return {**metrics, "implicit/loss": loss.item(), "implicit/grad_norm": float(grad_norm),
                 "implicit/reward_gap_before": gap.item()}
+
+    # ------------------------------------------------------------------ checkpointing (exact resume)
+    def state_dict(self) -> dict[str, Any]:
+        """π_φ, π_ref (None with reference="old_policy") and π_φ's optimizer, tensors and plain values;
+        ``initialized`` is False before the first call has copied the policy."""
+        pending = getattr(self, "_pending", None)
+        if pending is not None:
+            return pending
+        if self.prm is None:
+            return {"initialized": False}
+        return {"initialized": True, "prm": self.prm.state_dict(),
+                "ref": self.ref.state_dict() if self.ref is not None else None, "optim": self.optim.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`. A scorer that copies the policy lazily keeps the state until its first call
+        (the copy gives the architecture; the checkpoint gives the weights)."""
+        if "initialized" not in state:
+            raise ValueError("the checkpoint holds no implicit PRM state (written before creditlab saved it?): "
+                             "the online PRM cannot be resumed exactly")
+        self._pending = dict(state) if state["initialized"] else None
+        if self.prm is not None:
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        state = getattr(self, "_pending", None)
+        if state is None:
+            return
+        if (state.get("ref") is None) != (self.ref is None):
+            raise ValueError(f"the checkpoint's implicit PRM {'has no' if state.get('ref') is None else 'has a'} "
+                             f"frozen reference, this one uses reference={self.reference!r}")
+        self.prm.load_state_dict(state["prm"])
+        if self.ref is not None:
+            self.ref.load_state_dict(state["ref"])
+        self.optim.load_state_dict(state["optim"])
+        self._pending = None
