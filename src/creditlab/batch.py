@@ -4,6 +4,7 @@ Shape letters (used everywhere in creditlab):
     B  responses (rows) in the batch        T  padded response length (token columns)
     S  padded number of steps/segments      P  padded prompt length
     N  padded number of turns (multi-turn agent rows; independent of S so that steps inside turns can coexist)
+    C  padded number of Monte-Carlo cut points (response prefixes whose value was estimated)
 
 A `RolloutBatch` is what estimators read; a `Credit` is what they return. Optional fields are filled by
 the signal producers named in `FIELDS`; an estimator declares the ones it reads in `@estimator(needs=...)`
@@ -76,8 +77,16 @@ FIELDS: dict[str, FieldSpec] = {
                               "a step scorer (creditlab.signals.prm)"),
     "step_labels": FieldSpec(("B", "S"), "long", "oracle step correctness: 1 right, 0 wrong, -1 no label",
                              "a task with oracle step labels (arith_chain)"),
-    "mc_values": FieldSpec(("B", "S"), "float", "Monte-Carlo value estimate at each segment boundary",
+    "mc_values": FieldSpec(("B", "C"), "float", "Monte-Carlo value estimate (mean continuation reward) of the "
+                           "state prompt + response[:mc_cuts] in the same column; 0 on padding columns",
                            "creditlab.signals.mc (continuations from prefixes)"),
+    "mc_cuts": FieldSpec(("B", "C"), "long", "response prefix length (token columns; 0 = the prompt alone) of the "
+                         "state whose value mc_values holds in the same column; -1 on padding columns, which come "
+                         "last; strictly increasing; inside the row's response",
+                         "creditlab.signals.mc (a cut rule per estimator)"),
+    "tree_node": FieldSpec(("B", "T"), "long", "id of the segment-tree node each response token was sampled in: "
+                           "rows that share an id share that segment and every segment before it",
+                           "creditlab.rollout.tree (--rollout tree)"),
     "planning_mask": FieldSpec(("B", "T"), "bool", "True on planning tokens (inside a strategic gram)",
                                "creditlab.signals.strategic (strategic-gram detector)"),
     "prm_logprobs": FieldSpec(("B", "T"), "float", "log-prob of each sampled token under an implicit PRM",
@@ -137,6 +146,8 @@ class RolloutBatch:
     step_rewards: Tensor | None = None
     step_labels: Tensor | None = None
     mc_values: Tensor | None = None
+    mc_cuts: Tensor | None = None
+    tree_node: Tensor | None = None
     planning_mask: Tensor | None = None
     prm_logprobs: Tensor | None = None
     attn_fai: Tensor | None = None
@@ -215,6 +226,8 @@ class RolloutBatch:
                              f"response_mask, got {bad}")
         if self.step_ids is not None:
             self._check_step_ids(mask)
+        if self.mc_cuts is not None:
+            _check_cuts(self.mc_cuts, self.T)
         if self.turn_ids is not None:
             if bool(((~mask) & (self.turn_ids != -1)).any()):
                 raise ValueError("RolloutBatch.turn_ids must be -1 outside response_mask")
@@ -242,7 +255,7 @@ class RolloutBatch:
         top = int(sid.max()) if sid.numel() else -1  # T = 0: no step at all
         if top >= MAX_ID:
             raise ValueError(f"RolloutBatch.step_ids must be < 2^31 (step numbers), got {top}")
-        for name in ("step_rewards", "step_labels", "mc_values"):
+        for name in ("step_rewards", "step_labels"):  # mc_values is indexed by cut (mc_cuts), not by step
             steps = getattr(self, name)
             if steps is not None and top >= steps.shape[1]:
                 raise ValueError(f"RolloutBatch.{name} has S={steps.shape[1]} columns but step_ids reaches {top}")
@@ -299,6 +312,18 @@ def _check_field(name: str, value: Any, sizes: dict[str, int], sources: dict[str
         if biggest > MAX_ABS:
             raise ValueError(f"RolloutBatch.{name} has |value| up to {biggest:.3g}, above the {MAX_ABS:g} that "
                              f"creditlab accepts (credit is float32, largest 3.4e38); rescale it")
+
+
+def _check_cuts(cuts: Tensor, T: int) -> None:
+    """mc_cuts: -1 padding after the valid columns, valid cuts strictly increasing (estimators check each cut
+    against its row's response length; with T = 0 every row is empty and no cut is read)."""
+    valid = cuts >= 0  # [B, C]
+    if bool((cuts < -1).any()) or bool((cuts >= MAX_ID).any()):
+        raise ValueError("RolloutBatch.mc_cuts must be -1 (padding) or a prefix length in [0, 2^31)")
+    if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+        raise ValueError("RolloutBatch.mc_cuts must hold its valid cuts first and -1 padding after them")
+    if bool((valid[:, 1:] & (cuts[:, 1:] <= cuts[:, :-1])).any()):
+        raise ValueError("RolloutBatch.mc_cuts must be strictly increasing along each row")
 
 
 def fields_table() -> str:

@@ -63,6 +63,21 @@ def one_turn(field):
 TURNS = {f: one_turn(f) for f in ("turn_ids", "turn_rewards", "anchor_states")}
 
 
+def toy_cuts(batch: RolloutBatch) -> torch.Tensor:  # a toy Monte-Carlo source: the prompt and mid-response states
+    half = batch.response_mask.sum(dim=1) // 2
+    return torch.stack([torch.zeros_like(half), torch.where(half > 0, half, -1)], dim=1)  # [B, 2]
+
+
+def toy_values(batch: RolloutBatch) -> torch.Tensor:  # the toy values at toy_cuts
+    return torch.tensor([0.25, 0.5]).expand(batch.B, 2).clone()
+
+
+def toy_tree(batch: RolloutBatch) -> torch.Tensor:  # a toy segment tree: each row a chain of two segments
+    half = batch.response_mask.sum(dim=1, keepdim=True) // 2
+    node = 2 * torch.arange(batch.B)[:, None] + (torch.arange(batch.T)[None, :] >= half)
+    return torch.where(batch.response_mask, node, -1)
+
+
 SOURCES = {  # how each estimator's extra fields are supplied from TRL
     "gigpo": dict(field_producers=TURNS),
     "mt_grpo": dict(field_producers={f: TURNS[f] for f in ("turn_ids", "turn_rewards")}),
@@ -78,6 +93,11 @@ SOURCES = {  # how each estimator's extra fields are supplied from TRL
     "tp_grpo": dict(step_label_func=step_label, step_split=SPLIT),
     "prime": dict(implicit_prm={"lr": 1e-2}),
     "oprl": dict(implicit_prm={"lr": 1e-2}, step_split=SPLIT),
+    # the rollout's log-probs are 0 (p = 1), which SPO's probability mask would remove entirely
+    "spo_chain": dict(field_producers={"mc_cuts": toy_cuts, "mc_values": toy_values},
+                      estimator_kwargs={"prob_mask": False}),
+    "vineppo": dict(field_producers={"mc_cuts": toy_cuts, "mc_values": toy_values}),
+    "spo_tree": dict(field_producers={"tree_node": toy_tree}, estimator_kwargs={"prob_mask": False}),
 }
 ESTIMATORS = [n for n in list_estimators() if not n.startswith("_")]
 

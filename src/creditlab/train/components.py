@@ -143,9 +143,15 @@ def _agent_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component |
     return agent_component(cfg, spec, policy, task)
 
 
+def mc_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.mc import build_mc_component  # Monte-Carlo values (spo_chain, vineppo); tree checks
+
+    return build_mc_component(cfg, spec, policy, task)
+
+
 # A factory: (TrainConfig, EstimatorSpec, Policy, Task) -> Component | None. Order is the order of `produce`
 # (the agent component first: it sets step_ids = turn_ids for a step scorer on agent rows).
-FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [_agent_component, scorer_component]
+FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [_agent_component, scorer_component, mc_component]
 
 
 def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Component]:
@@ -158,7 +164,17 @@ def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Compon
 
 
 def build_rollout(cfg: Any, task: Any) -> Rollout:
-    """The run's rollout strategy: multi-turn episodes for environment tasks, else single-turn sampling."""
+    """The run's rollout strategy: multi-turn episodes for environment tasks, a segment tree per prompt with
+    `--rollout tree` (creditlab.rollout.tree), else single-turn sampling."""
     from creditlab.train.agent import build_agent_rollout
 
-    return build_agent_rollout(cfg, task) or SingleTurn()
+    agent = build_agent_rollout(cfg, task)
+    if agent is not None:
+        if cfg.mc.rollout == "tree":
+            raise ValueError("--rollout tree samples single-turn responses; environment tasks roll out episodes")
+        return agent
+    if cfg.mc.rollout == "tree":
+        from creditlab.rollout.tree import TreeRollout
+
+        return TreeRollout.from_config(cfg.mc)
+    return SingleTurn()

@@ -137,6 +137,29 @@ class AgentConfig:
 
 
 @dataclass
+class MCConfig:
+    mc_samples: int = 9  # Monte-Carlo continuations per cut point (K) for spo_chain / vineppo (papers: 9 on GSM8K)
+    mc_unfinished_penalty: float | None = 0.0  # reward of a continuation cut by the length limit (None: score it)
+    mc_max_rows: int = 256  # continuation rows per batched forward (bounds memory; prefixes are never split)
+    rollout: Literal["independent", "tree"] = "independent"  # G independent samples per prompt, or a segment tree
+    tree_fanout: str = "2,2,2"  # children per node at each tree level; leaves per prompt = their product
+    tree_segment_len: int = 16  # tokens per segment on every tree level but the last (which runs free)
+
+    def validate(self) -> None:
+        if self.mc_samples < 1:
+            raise ValueError(f"--mc-samples must be >= 1, got {self.mc_samples}")
+        if self.mc_max_rows < 1:
+            raise ValueError(f"--mc-max-rows must be >= 1, got {self.mc_max_rows}")
+        if self.rollout not in ("independent", "tree"):
+            raise ValueError(f"--rollout must be 'independent' or 'tree', got {self.rollout!r}")
+        if self.tree_segment_len < 1:
+            raise ValueError(f"--tree-segment-len must be >= 1, got {self.tree_segment_len}")
+        from creditlab.rollout.tree import parse_fanout
+
+        parse_fanout(self.tree_fanout)
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -144,6 +167,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    mc: MCConfig = field(default_factory=MCConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
