@@ -290,8 +290,7 @@ class MultiTurn:
 
     def collect(self, policy: Any, task: Any, problems: Any, cfg: Any, *, seed: int
                 ) -> tuple[RolloutBatch, list[EpisodeScore]]:
-        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                  bf16=cfg.bf16)
+        sampling = SamplingConfig.from_rollout(cfg, policy.model)
         return self.run(policy, task, list(problems), cfg.group_size, sampling, seed=seed)
 
     def evaluate(self, policy: Any, task: Any, problems: list[Any], cfg: Any, chunk: int = 64) -> float:

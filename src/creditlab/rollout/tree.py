@@ -75,8 +75,7 @@ class TreeRollout:
     def collect(self, policy: Any, task: Any, problems: Sequence[Any], cfg: Any, *, seed: int
                 ) -> tuple[RolloutBatch, list[Any]]:
         """(batch of leaves with rewards, one `Score` per row); `cfg` is the run's `RolloutConfig`."""
-        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                  bf16=cfg.bf16)
+        sampling = SamplingConfig.from_rollout(cfg, policy.model)
         batch = self.sample(policy, [policy.format_prompt(p.prompt) for p in problems], sampling, seed=seed)
         scores = [task.score(problems[g], text) for g, text in zip(batch.group_ids.tolist(), batch.texts)]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=batch.response_ids.device)

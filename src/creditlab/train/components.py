@@ -53,8 +53,7 @@ class SingleTurn:
                 ) -> tuple[RolloutBatch, list[Any]]:
         from creditlab.rollout.hf import SamplingConfig, generate
 
-        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                  bf16=cfg.bf16)
+        sampling = SamplingConfig.from_rollout(cfg, policy.model)
         batch = generate(policy, [policy.format_prompt(p.prompt) for p in problems], cfg.group_size, sampling,
                          seed=seed)
         scores = [task.score(problems[g], text) for g, text in zip(batch.group_ids.tolist(), batch.texts)]
