@@ -116,3 +116,8 @@ def main(out: str, names: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:] or list(CONFIGS))
+    # Tear the gloo group down before interpreter exit: left to the destructors, its threads can abort a rank with
+    # "terminate called without an active exception" (SIGABRT) after the work is done, failing the launch.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
