@@ -56,12 +56,17 @@ def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: i
     strata = torch.randint(0, 3, (B,), generator=g)
     planning_mask = mask & (torch.rand(B, T, generator=g) < 0.25)
     prm_logprobs = torch.where(mask, logprobs + 0.2 * torch.randn(B, T, generator=g), torch.zeros(B, T))
+    g2 = torch.Generator().manual_seed(seed + 7_919)  # own stream: the fields above and the shuffle stay as they were
+    q_values = torch.where(mask, torch.rand(B, T, generator=g2), torch.zeros(B, T))
+    turn_cuts = torch.rand(B, T, generator=g2) < 1.0 / max(T, 1)
+    turn_ids = torch.where(mask, torch.cumsum(turn_cuts.long(), dim=1) - turn_cuts[:, :1].long(),
+                           torch.full_like(step_ids, -1))
     batch = RolloutBatch(
         response_ids=ids, response_mask=mask, group_ids=group_ids, rewards=rewards,
         logprobs=logprobs, ref_logprobs=ref_logprobs, entropies=entropies, certainty=certainty,
         token_logits=token_logits, values=values, token_rewards=token_rewards, step_ids=step_ids,
         step_rewards=step_rewards, step_labels=step_labels, mc_values=mc_values, strata=strata,
-        planning_mask=planning_mask, prm_logprobs=prm_logprobs,
+        planning_mask=planning_mask, prm_logprobs=prm_logprobs, q_values=q_values, turn_ids=turn_ids,
         texts=[" ".join(str(int(t)) for t in ids[b, : int(lengths[b])]) for b in range(B)],
     )
     if shuffle:

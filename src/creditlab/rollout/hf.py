@@ -208,7 +208,7 @@ def _stack(cols: list[tuple[Tensor, ...]], B: int, device: torch.device) -> Samp
 
 def sequence_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                       response_mask: Tensor, *, temperature: float = 1.0, with_entropy: bool = False,
-                      share_prompts: bool = True) -> tuple[Tensor, Tensor | None]:
+                      share_prompts: bool = True, return_hidden: bool = False) -> tuple[Tensor, ...]:
     """Log-probs [B, T] of the response tokens (and entropies [B, T] if asked).
 
     Scores softmax(z / temperature) (temperature 0 scores at 1, as `generate` does); differentiable when called
@@ -222,15 +222,23 @@ def sequence_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: T
     float reassociation (~1e-6), gradients included (the cache's backward sums over the group), and
     (G - 1) / G fewer prompt tokens through the forward and backward. Falls back to one forward over
     prompt + response when no prompt repeats or the model's cache cannot be re-indexed.
+
+    `return_hidden`: also return, as a third output, the final-layer hidden states [B, T, H] (after the final norm)
+    at the positions whose logits predict each response token, i.e. the state before token t: what a value head on
+    the policy's trunk reads (creditlab.train.critic). Same forward, so the head's loss backpropagates into the trunk.
     """
     T = response_ids.shape[1]
-    logits = _shared_prompt_logits(model, prompt_ids, prompt_mask, response_ids) if share_prompts else None
+    shared = _shared_prompt_logits(model, prompt_ids, prompt_mask, response_ids, return_hidden) \
+        if share_prompts else None
+    logits, hidden = shared if shared is not None else (None, None)
     if logits is None:
         ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P + T]
         mask = torch.cat([prompt_mask.long(), torch.ones_like(response_ids)], dim=1)  # [B, P + T]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                       logits_to_keep=T + 1).logits[:, :-1]  # [B, T, V] predicts response token t
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                    logits_to_keep=T + 1, output_hidden_states=return_hidden)
+        logits = out.logits[:, :-1]  # [B, T, V] predicts response token t
+        hidden = out.hidden_states[-1][:, -(T + 1):-1] if return_hidden else None  # [B, T, H]
     logits = logits.float()
     tau = scoring_temperature(temperature)
     if tau != 1.0:
@@ -238,12 +246,13 @@ def sequence_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: T
     logp = logits.gather(-1, response_ids[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [B, T]
     logp = logp.masked_fill(~response_mask, 0.0)
     entropy = token_entropy(logits).masked_fill(~response_mask, 0.0) if with_entropy else None
-    return logp, entropy
+    return (logp, entropy, hidden) if return_hidden else (logp, entropy)
 
 
 def _shared_prompt_logits(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor,
-                          response_ids: Tensor) -> Tensor | None:
-    """Logits [B, T, V] predicting each response token, with each distinct prompt run once; None if not worth it."""
+                          response_ids: Tensor, return_hidden: bool = False) -> tuple[Tensor, Tensor | None] | None:
+    """(logits [B, T, V] predicting each response token, their final hidden states [B, T, H] if asked), with each
+    distinct prompt run once; None if not worth it."""
     B, P = prompt_ids.shape
     T = response_ids.shape[1]
     if P == 0 or T == 0:
@@ -257,7 +266,7 @@ def _shared_prompt_logits(model: PreTrainedModel, prompt_ids: Tensor, prompt_mas
         0, inverse, torch.arange(B, device=prompt_ids.device), reduce="amin")  # [U] a row holding each prompt
     p_mask = prompt_mask[first].long()  # [U, P]
     out = model(input_ids=prompt_ids[first], attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, output_hidden_states=return_hidden)
     cache = out.past_key_values
     if not hasattr(cache, "batch_select_indices"):
         return None
@@ -265,5 +274,8 @@ def _shared_prompt_logits(model: PreTrainedModel, prompt_ids: Tensor, prompt_mas
     mask = torch.cat([prompt_mask.long(), torch.ones_like(response_ids)], dim=1)  # [B, P + T]
     positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T, device=prompt_ids.device)  # [B, T]
     resp = model(input_ids=response_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, logits_to_keep=T).logits  # [B, T, V]; position t predicts token t + 1
-    return torch.cat([out.logits[inverse], resp[:, :-1]], dim=1)  # [B, T, V]
+                 use_cache=True, logits_to_keep=T, output_hidden_states=return_hidden)  # position t predicts t + 1
+    logits = torch.cat([out.logits[inverse], resp.logits[:, :-1]], dim=1)  # [B, T, V]
+    if not return_hidden:
+        return logits, None
+    return logits, torch.cat([out.hidden_states[-1][inverse, -1:], resp.hidden_states[-1][:, :-1]], dim=1)  # [B,T,H]

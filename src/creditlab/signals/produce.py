@@ -17,6 +17,7 @@ from torch import Tensor
 
 from creditlab.batch import FIELDS, RolloutBatch
 from creditlab.signals.prm import oracle_step_rewards
+from creditlab.signals.rewards import single_turn_ids, token_rewards
 
 
 @dataclass
@@ -94,6 +95,8 @@ PRODUCERS: dict[str, Callable[[RolloutBatch, SignalContext], dict[str, Tensor]]]
     "strata": default_strata,
     "planning_mask": planning_tokens,
     "step_rewards": oracle_step_rewards,  # task verifier labels; other scorers: signals.prm.produce_step_signals
+    "token_rewards": token_rewards,  # outcome on the last token (minus a KL reward with --critic-kl-in-reward)
+    "turn_ids": single_turn_ids,  # single-turn rows are one turn (multi-turn rollouts fill turn_ids themselves)
 }
 
 
