@@ -278,4 +278,4 @@ def _shared_prompt_logits(model: PreTrainedModel, prompt_ids: Tensor, prompt_mas
     logits = torch.cat([out.logits[inverse], resp.logits[:, :-1]], dim=1)  # [B, T, V]
     if not return_hidden:
         return logits, None
-    return logits, torch.cat([out.hidden_states[-1][inverse, -1:], resp.hidden_states[-1][:, :-1]], dim=1)  # [B,T,H]
+    return logits, torch.cat([out.hidden_states[-1][:, -1:][inverse], resp.hidden_states[-1][:, :-1]], dim=1)  # [B,T,H]
