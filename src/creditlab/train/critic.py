@@ -107,11 +107,13 @@ class ValueCritic(Component):
         self.head = ValueHead(self.trunk.config.hidden_size, cfg.run.seed + 3).to(self.trunk.device)
         params = [*self.head.parameters(), *(self.trunk.parameters() if self.separate else ())]
         self.optim = torch.optim.AdamW(params, lr=c.critic_lr, weight_decay=0.0)
+        self.bf16 = cfg.optim.update_bf16  # the precision of the policy update's forward, so old and new V agree
         self.seconds = 0.0
 
     def _values(self, batch: RolloutBatch) -> Tensor:
         """V [B, T] of the state before each response token (differentiable when grad is enabled)."""
-        hidden = trunk_hidden(self.trunk, batch.prompt_ids, batch.prompt_mask, batch.response_ids)[:, :-1]
+        with torch.autocast(batch.response_ids.device.type, torch.bfloat16, enabled=self.bf16):
+            hidden = trunk_hidden(self.trunk, batch.prompt_ids, batch.prompt_mask, batch.response_ids)[:, :-1]
         return self.head(hidden)
 
     def produce(self, batch: RolloutBatch, ctx: SignalContext) -> RolloutBatch:
