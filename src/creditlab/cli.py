@@ -32,7 +32,7 @@ def estimator_table(seed: int = 0) -> str:
     from creditlab.registry import get_estimator, get_spec, list_estimators
     from creditlab.sample import random_batch
 
-    batch = random_batch(n_groups=6, max_group=5, T=16, seed=seed)
+    batch = random_batch(n_groups=6, max_group=5, T=16, seed=seed, turns=True)
     header = f"{'estimator':<14} {'needs':<28} {'adv mean':>9} {'adv std':>8} {'|adv|':>7} " \
              f"{'min':>7} {'max':>7} {'zero%':>6} {'ms':>7}"
     lines = [f"sample batch: B={batch.B} responses in {len(set(batch.group_ids.tolist()))} ragged groups, "

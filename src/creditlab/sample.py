@@ -14,11 +14,13 @@ from creditlab.batch import RolloutBatch
 
 def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: int = 8, seed: int = 0,
                  binary_rewards: bool = True, min_group: int = 1, empty_row_prob: float = 0.1,
-                 max_steps: int = 4, shuffle: bool = True) -> RolloutBatch:
-    """A random valid `RolloutBatch` of `n_groups` groups with every optional field set.
+                 max_steps: int = 4, shuffle: bool = True, turns: bool = False) -> RolloutBatch:
+    """A random valid `RolloutBatch` of `n_groups` groups with every optional field set (`turn_ids` only with
+    `turns=True`: callers that later mask tokens out would have to clear them too).
 
     Response tokens are drawn from a small `vocab` so that responses of one group share prefixes (prefix-tree
-    estimators need that). Steps: each response is cut into up to `max_steps` contiguous steps.
+    estimators need that). Steps: each response is cut into up to `max_steps` contiguous steps; turns (with
+    `turns=True`): each response is cut into about two contiguous turns.
     """
     g = torch.Generator().manual_seed(seed)
     sizes = torch.randint(min_group, max_group + 1, (n_groups,), generator=g)
@@ -58,7 +60,7 @@ def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: i
     prm_logprobs = torch.where(mask, logprobs + 0.2 * torch.randn(B, T, generator=g), torch.zeros(B, T))
     g2 = torch.Generator().manual_seed(seed + 7_919)  # own stream: the fields above and the shuffle stay as they were
     q_values = torch.where(mask, torch.rand(B, T, generator=g2), torch.zeros(B, T))
-    turn_cuts = torch.rand(B, T, generator=g2) < 1.0 / max(T, 1)
+    turn_cuts = torch.rand(B, T, generator=g2) < 1.0 / max(T, 1)  # drawn either way: q_values do not depend on it
     turn_ids = torch.where(mask, torch.cumsum(turn_cuts.long(), dim=1) - turn_cuts[:, :1].long(),
                            torch.full_like(step_ids, -1))
     batch = RolloutBatch(
@@ -66,7 +68,8 @@ def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: i
         logprobs=logprobs, ref_logprobs=ref_logprobs, entropies=entropies, certainty=certainty,
         token_logits=token_logits, values=values, token_rewards=token_rewards, step_ids=step_ids,
         step_rewards=step_rewards, step_labels=step_labels, mc_values=mc_values, strata=strata,
-        planning_mask=planning_mask, prm_logprobs=prm_logprobs, q_values=q_values, turn_ids=turn_ids,
+        planning_mask=planning_mask, prm_logprobs=prm_logprobs, q_values=q_values,
+        turn_ids=turn_ids if turns else None,
         texts=[" ".join(str(int(t)) for t in ids[b, : int(lengths[b])]) for b in range(B)],
     )
     if shuffle:
