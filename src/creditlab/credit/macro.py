@@ -64,7 +64,8 @@ def reverse_scan(x: Tensor, discount: Tensor, chunk: int = 64) -> Tensor:
     """y_t = x_t + discount_t * y_{t+1} along the last axis (y_T = 0), with a per-token discount [B,T] in [0, 1].
 
     Vectorized within chunks of `chunk` tokens: W[i,k] = prod_{j=i}^{k-1} discount_j is built by a cumulative
-    product (exact, no logarithms, so a zero discount is fine), then chunks are chained in a loop over T/chunk blocks.
+    product (exact, no logarithms, so a zero discount is fine); chunks are chained in a loop over T/chunk blocks,
+    one [B, K, K] matrix at a time (memory B*K*K, not B*T*K).
     """
     b, t = x.shape
     n = -(-t // chunk)
@@ -73,15 +74,15 @@ def reverse_scan(x: Tensor, discount: Tensor, chunk: int = 64) -> Tensor:
     dp = torch.nn.functional.pad(discount.to(torch.float64), (0, pad)).view(b, n, chunk)
     i = torch.arange(chunk, device=x.device)
     upper = i[None, :] >= i[:, None]  # [K(i), K(j)]: j >= i
-    prod = torch.where(upper, dp[:, :, None, :], torch.ones((), dtype=torch.float64)).cumprod(-1)  # [B,C,K,K]
-    shifted = torch.nn.functional.pad(prod[..., :-1], (1, 0), value=1.0)  # prod_{j=i}^{k-1} d_j
-    w = torch.where(i[None, :] > i[:, None], shifted, (i[None, :] == i[:, None]).to(torch.float64))
-    local = (w * xp[:, :, None, :]).sum(-1)  # [B, C, K]
-    tail = prod[..., -1]  # [B, C, K]: prod_{j=i}^{K-1} d_j multiplies the next chunk's first y
-    out = torch.empty_like(local)
-    carry = torch.zeros(b, dtype=torch.float64, device=x.device)
+    diag = (i[None, :] == i[:, None]).to(torch.float64)
+    one = torch.ones((), dtype=torch.float64, device=x.device)
+    out = torch.empty_like(xp)
+    carry = torch.zeros(b, dtype=torch.float64, device=x.device)  # y at the start of the next chunk
     for c in range(n - 1, -1, -1):
-        out[:, c] = local[:, c] + tail[:, c] * carry[:, None]
+        prod = torch.where(upper, dp[:, c, None, :], one).cumprod(-1)  # [B, K, K]: prod_{j=i}^{k} d_j
+        shifted = torch.nn.functional.pad(prod[..., :-1], (1, 0), value=1.0)  # prod_{j=i}^{k-1} d_j
+        w = torch.where(i[None, :] > i[:, None], shifted, diag)
+        out[:, c] = (w * xp[:, c, None, :]).sum(-1) + prod[..., -1] * carry[:, None]
         carry = out[:, c, 0]
     return out.view(b, -1)[:, :t]
 

@@ -10,7 +10,8 @@
 Per step (see creditlab.train.components): `produce` writes values [B,T] = V(state before token t) with the critic
 as it is before the update (verl's "values"); the estimator returns `returns`; the critic regresses V onto them with
 verl's clipped loss (`compute_value_loss`: 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2), token-mean); an
-estimator without returns (grpo, ...) trains it on Monte-Carlo returns (the token rewards summed to the end).
+estimator without returns (grpo, ...) trains it on Monte-Carlo returns (the batch's token rewards summed to the
+end, or the outcome alone when the estimator did not ask for token rewards).
 Logged: critic/value_loss, critic/clipfrac, critic/explained_variance (1 - Var(R - V_old) / Var(R) over valid tokens,
 as verl's critic/vf_explained_var), critic/values_mean, critic/returns_mean and time/critic (seconds the critic's
 own forward/backward passes took this step; in head mode the value loss's share of the joint policy backward is

@@ -12,8 +12,8 @@ min(V1, V2)(state before each token) (the `archer` estimator reads V at each tur
 
 Features: one causal LM (`--critic model:<p>`) reads prompt + response; s_k is its final hidden state before turn
 k's first token and (s_k, a_k) the state after the turn's last token (it has read both). r_k is the sum of the turn's
-token rewards (the outcome sits on the last turn). Heads are the reference's MLPs (2H -> H -> H -> 1 for Q, H -> H ->
-H -> 1 for V).
+token rewards (the outcome sits on the last turn; minus a KL reward with --critic-kl-in-reward). Heads are the
+reference's MLPs (2H -> H -> H -> 1 for Q, H -> H -> H -> 1 for V).
 Deviations: the reference encodes observation and action separately with roberta-base (pooled, 512 tokens
 left-truncated) and concatenates them; it trains off-policy from a 100k-transition replay buffer for 50 critic epochs
 per iteration, with V's target evaluated at a fresh action a ~ pi(s) and 20 warm-up iterations. Here the critic
@@ -34,7 +34,7 @@ from creditlab.batch import Credit, RolloutBatch
 from creditlab.credit.macro import _run_starts, _segment_index, _segment_sum
 from creditlab.credit.ops import compact_left, discounted_reverse_cumsum
 from creditlab.signals.produce import SignalContext
-from creditlab.signals.rewards import outcome_to_token_rewards, single_turn_ids
+from creditlab.signals.rewards import single_turn_ids, token_rewards
 from creditlab.train.components import Component
 from creditlab.train.critic import explained_variance, trunk_hidden
 
@@ -119,9 +119,11 @@ class TurnCritic(Component):
         return q1, q2, v1, v2, nv1, nv2, v_tok
 
     def produce(self, batch: RolloutBatch, ctx: SignalContext) -> RolloutBatch:
-        t0 = time.perf_counter()
         if batch.turn_ids is None:
             batch = batch.replace(**single_turn_ids(batch))
+        if batch.values is not None and batch.q_values is not None:
+            return batch
+        t0 = time.perf_counter()
         table = turn_table(batch.turn_ids, batch.response_mask)
         self.trunk.eval()
         with torch.no_grad():
@@ -137,7 +139,7 @@ class TurnCritic(Component):
     def update(self, batch: RolloutBatch, ctx: SignalContext, credit: Credit) -> dict[str, float]:
         t0 = time.perf_counter()
         rewards_tok = batch.token_rewards if batch.token_rewards is not None else \
-            outcome_to_token_rewards(batch.rewards, batch.response_mask)
+            token_rewards(batch, ctx)["token_rewards"]  # outcome (minus --critic-kl-in-reward x KL)
         gen = torch.Generator().manual_seed(ctx.seed + 130_363)
         sums, n = {"critic/q_loss": 0.0, "critic/v_loss": 0.0}, 0
         for _ in range(self.epochs):
