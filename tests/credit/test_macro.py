@@ -55,7 +55,7 @@ def test_reference_quirk_empty_macro_changes_the_hand_case():
 @pytest.mark.parametrize("whiten", [False, True])
 def test_ma_rlhf_with_n_1_is_token_level_gae(whiten):
     for seed in range(10):
-        b = with_gaps(random_batch(seed=seed, T=12, turns=True), seed)
+        b = with_gaps(random_batch(seed=seed, T=12), seed)
         got = get_estimator("ma_rlhf")(b, n=1, gamma=0.9, lam=0.7, whiten=whiten)
         want = get_estimator("gae")(b, gamma=0.9, lam=0.7, whiten=whiten)
         torch.testing.assert_close(got.advantages, want.advantages, atol=1e-5, rtol=1e-5)
@@ -133,7 +133,7 @@ def test_poad_hand_case_two_actions():
 @pytest.mark.parametrize("whiten", [False, True])
 def test_poad_reduces_to_gae(whiten):
     for seed in range(10):
-        b = with_gaps(random_batch(seed=seed, T=12, turns=True), seed)
+        b = with_gaps(random_batch(seed=seed, T=12), seed)
         one_action = b.replace(turn_ids=torch.where(b.response_mask, 0, -1))  # one action per response, gamma = 1
         got = get_estimator("poad_turns")(one_action, gamma=1.0, lam=0.7, whiten=whiten)
         want = get_estimator("gae")(b, gamma=1.0, lam=0.7, whiten=whiten)
@@ -185,7 +185,7 @@ CASES = [("ma_rlhf", {}), ("ma_rlhf", {"n": 2, "weighting": "unit"}),
 @pytest.mark.parametrize("name,kw", CASES)
 def test_vectorized_matches_loop_on_ragged_batches_with_gaps(name, kw):
     for seed in range(12):
-        b = random_batch(seed=seed, T=14, n_groups=3, max_group=4, empty_row_prob=0.2, turns=True)
+        b = random_batch(seed=seed, T=14, n_groups=3, max_group=4, empty_row_prob=0.2)
         b = with_gaps(b, seed) if seed % 2 else b
         got = get_estimator(name)(b, **kw).advantages.double()
         torch.testing.assert_close(got, LOOPS[name](b, **kw), atol=1e-5, rtol=1e-5, msg=f"{name} {kw} seed {seed}")
@@ -193,7 +193,7 @@ def test_vectorized_matches_loop_on_ragged_batches_with_gaps(name, kw):
 
 def test_returns_match_loops():
     for seed in range(6):
-        b = with_gaps(random_batch(seed=seed, T=14, turns=True), seed)
+        b = with_gaps(random_batch(seed=seed, T=14), seed)
         _, want = LOOPS["ma_rlhf"](b, n=3, return_returns=True)
         torch.testing.assert_close(get_estimator("ma_rlhf")(b, n=3).returns.double(), want, atol=1e-5, rtol=1e-5)
         from creditlab.credit.loops.macro import loop_poad
@@ -210,10 +210,10 @@ def test_returns_match_loops():
 ])
 def test_bad_hyperparameters_name_the_parameter(name, kw, needle):
     with pytest.raises((ValueError, TypeError), match=needle):
-        get_estimator(name)(random_batch(seed=0, turns=True), **kw)
+        get_estimator(name)(random_batch(seed=0), **kw)
 
 
 @pytest.mark.parametrize("name,field", [("ma_rlhf", "values"), ("poad", "values"), ("archer", "q_values")])
 def test_missing_critic_fields_are_named(name, field):
     with pytest.raises(ValueError, match=field):
-        get_estimator(name)(random_batch(seed=0, turns=True).replace(**{field: None}))
+        get_estimator(name)(random_batch(seed=0).replace(**{field: None}))

@@ -20,7 +20,6 @@ batches = st.builds(
     random_batch,
     n_groups=st.integers(1, 5), max_group=st.integers(1, 6), T=st.integers(1, 10),
     seed=st.integers(0, 10_000), binary_rewards=st.booleans(), empty_row_prob=st.sampled_from([0.0, 0.3]),
-    turns=st.just(True),
 )
 
 

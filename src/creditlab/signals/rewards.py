@@ -1,5 +1,6 @@
-"""Token-level rewards for critic-based estimators (PPO-GAE, MA-RLHF, POAD): the outcome on the last valid token,
-optionally minus a per-token KL penalty to the reference model (verl's `algorithm.use_kl_in_reward`).
+"""Token-level rewards for critic-based estimators (PPO-GAE, MA-RLHF, POAD, ArCHer's critic): the outcome on the last
+valid token (on multi-turn rows with `turn_rewards`, each turn's reward on that turn's last token), optionally minus a
+per-token KL penalty to the reference model (verl's `algorithm.use_kl_in_reward`).
 
     r = outcome_to_token_rewards(batch.rewards, batch.response_mask)                       # [B, T]
     r = outcome_to_token_rewards(batch.rewards, batch.response_mask,
@@ -48,8 +49,25 @@ def outcome_to_token_rewards(rewards: Tensor, mask: Tensor, *, logprobs: Tensor 
     return torch.where(mask, out, torch.zeros((), device=mask.device))
 
 
+def turn_rewards_to_token_rewards(turn_rewards: Tensor, turn_ids: Tensor, mask: Tensor) -> Tensor:
+    """[B, T] float32: turn k's reward (turn_rewards [B, N]) on the last valid token of turn k; a turn with no valid
+    token adds its reward to the row's last valid token (so each row still sums to its turns' total)."""
+    mask = mask.to(torch.bool)
+    B, T = mask.shape
+    N = turn_rewards.shape[1]
+    pos = torch.arange(T, device=mask.device).expand(B, T)
+    tid = torch.where(mask & (turn_ids >= 0), turn_ids, N)  # column N collects tokens outside any turn
+    last = torch.full((B, N + 1), -1, dtype=torch.long, device=mask.device).scatter_reduce(
+        1, tid, torch.where(mask, pos, -1), "amax")[:, :N]  # [B, N] last column of each turn, -1 if none
+    last = torch.where(last >= 0, last, last_valid_index(mask)[:, None])
+    out = torch.zeros(B, T, dtype=torch.float32, device=mask.device)
+    out.scatter_add_(1, last, turn_rewards.float())
+    return torch.where(mask, out, torch.zeros((), device=mask.device))
+
+
 def token_rewards(batch: RolloutBatch, ctx: Any) -> dict[str, Tensor]:
-    """Producer (``PRODUCERS["token_rewards"]``): outcome on the last token, minus `--critic-kl-in-reward` x k1-KL.
+    """Producer (``PRODUCERS["token_rewards"]``): outcome on the last token (on multi-turn rows with `turn_rewards`:
+    each turn's reward on the turn's last token), minus `--critic-kl-in-reward` x k1-KL on every valid token.
 
     The KL uses the rollout's `logprobs` (the behaviour policy's, fp32 sampling matches the trainer's recomputation to
     ~1e-5; under `--bf16` sampling they carry bf16 noise) and the trainer's `ref_logprobs` (computed when the run
@@ -57,12 +75,12 @@ def token_rewards(batch: RolloutBatch, ctx: Any) -> dict[str, Tensor]:
     cfg = getattr(ctx, "cfg", None)
     critic = getattr(cfg, "critic", None)
     beta = float(getattr(critic, "critic_kl_in_reward", 0.0)) if critic is not None else 0.0
-    return {"token_rewards": outcome_to_token_rewards(batch.rewards, batch.response_mask, logprobs=batch.logprobs,
-                                                      ref_logprobs=batch.ref_logprobs, kl_coef=beta)}
-
-
-def single_turn_ids(batch: RolloutBatch, ctx: Any = None) -> dict[str, Tensor]:
-    """Producer (``PRODUCERS["turn_ids"]``) for single-turn rollouts: the whole response is turn 0 (-1 outside the
-    mask). Multi-turn rollouts fill `turn_ids` themselves, so this runs only when nothing did."""
-    ids = batch.response_ids
-    return {"turn_ids": torch.where(batch.response_mask, torch.zeros_like(ids), torch.full_like(ids, -1))}
+    mask = batch.response_mask
+    if batch.turn_rewards is not None and batch.turn_ids is not None:
+        rewards = batch.rewards.new_zeros(batch.B)  # the outcome is the turns' rewards, placed per turn below
+        per_turn = turn_rewards_to_token_rewards(batch.turn_rewards, batch.turn_ids, mask)
+    else:
+        rewards, per_turn = batch.rewards, None
+    out = outcome_to_token_rewards(rewards, mask, logprobs=batch.logprobs, ref_logprobs=batch.ref_logprobs,
+                                   kl_coef=beta)
+    return {"token_rewards": out if per_turn is None else out + per_turn}

@@ -12,8 +12,10 @@ The trainer (`creditlab.train.loop.rl_step`) runs, per step:
     for c in components: metrics |= c.metrics()
 
 Checkpoints hold `{c.name: c.state_dict()}` for every component: the state must be tensors and plain Python
-values only (it is read back with `torch.load(weights_only=True)`), and `load_state_dict` must restore it so that
-a resumed run repeats an uninterrupted one exactly. A component with no state returns `{}`.
+values only (it is read back with `torch.load(weights_only=True)`; `save_checkpoint` refuses anything else, naming
+the component and key), and `load_state_dict` must restore it so that a resumed run repeats an uninterrupted one
+exactly. A component with no state returns `{}`. Every component is covered by the resume-equivalence test in
+`tests/reliability/test_resume_components.py`: a new one is added there by listing the options that turn it on.
 
 Work done outside the policy's own samples (Monte-Carlo continuations, judge generations, ...) is charged to the
 run through `SignalContext.count(...)`: the trainer adds `samples/extra` to its sample counter (what learning curves
@@ -133,18 +135,36 @@ def scorer_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component |
     if not cfg.run.scorer:
         return None
     from creditlab.signals.prm import get_scorer
+    from creditlab.train.checks import one_line
 
-    return ScorerComponent(get_scorer(cfg.run.scorer, **cfg.scorer_kwargs()))
+    try:
+        return ScorerComponent(get_scorer(cfg.run.scorer, **cfg.scorer_kwargs()))
+    except (TypeError, ValueError, KeyError, OSError) as e:  # a bad option value or model path
+        raise ValueError(f"--scorer {cfg.run.scorer} --scorer-kwargs {cfg.run.scorer_kwargs}: {one_line(e)}") from None
+
+
+def _agent_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.agent import agent_component
+
+    return agent_component(cfg, spec, policy, task)
+
+
+def mc_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.mc import build_mc_component  # Monte-Carlo values (spo_chain, vineppo); tree checks
+
+    return build_mc_component(cfg, spec, policy, task)
 
 
 def critic_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
-    from creditlab.train.critic import critic_component as build
+    from creditlab.train.critic import critic_component as build  # values / q_values (gae, ma_rlhf, poad, archer)
 
     return build(cfg, spec, policy, task)
 
 
-# A factory: (TrainConfig, EstimatorSpec, Policy, Task) -> Component | None. Order is the order of `produce`.
-FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [scorer_component, critic_component]
+# A factory: (TrainConfig, EstimatorSpec, Policy, Task) -> Component | None. Order is the order of `produce`
+# (the agent component first: it sets step_ids = turn_ids for a step scorer on agent rows).
+FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [_agent_component, scorer_component, mc_component,
+                                                                     critic_component]
 
 
 def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Component]:
@@ -157,5 +177,17 @@ def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Compon
 
 
 def build_rollout(cfg: Any, task: Any) -> Rollout:
-    """The run's rollout strategy (single-turn sampling unless a family registers another)."""
+    """The run's rollout strategy: multi-turn episodes for environment tasks, a segment tree per prompt with
+    `--rollout tree` (creditlab.rollout.tree), else single-turn sampling."""
+    from creditlab.train.agent import build_agent_rollout
+
+    agent = build_agent_rollout(cfg, task)
+    if agent is not None:
+        if cfg.mc.rollout == "tree":
+            raise ValueError("--rollout tree samples single-turn responses; environment tasks roll out episodes")
+        return agent
+    if cfg.mc.rollout == "tree":
+        from creditlab.rollout.tree import TreeRollout
+
+        return TreeRollout.from_config(cfg.mc)
     return SingleTurn()

@@ -34,7 +34,8 @@ from creditlab.batch import Credit, RolloutBatch
 from creditlab.credit.macro import _run_starts, _segment_index, _segment_sum
 from creditlab.credit.ops import compact_left, discounted_reverse_cumsum
 from creditlab.signals.produce import SignalContext
-from creditlab.signals.rewards import single_turn_ids, token_rewards
+from creditlab.signals.rewards import token_rewards
+from creditlab.signals.turns import single_turn_fields
 from creditlab.train.components import Component
 from creditlab.train.critic import explained_variance, trunk_hidden
 
@@ -120,7 +121,7 @@ class TurnCritic(Component):
 
     def produce(self, batch: RolloutBatch, ctx: SignalContext) -> RolloutBatch:
         if batch.turn_ids is None:
-            batch = batch.replace(**single_turn_ids(batch))
+            batch = batch.replace(turn_ids=single_turn_fields(batch)["turn_ids"])
         if batch.values is not None and batch.q_values is not None:
             return batch
         t0 = time.perf_counter()
