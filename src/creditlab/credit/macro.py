@@ -184,7 +184,9 @@ def macro_weights(starts: Tensor, cmask: Tensor, weighting: MacroWeighting) -> t
     return seg, sigma * ones
 
 
-@estimator("ma_rlhf", needs=("token_rewards", "values", "ref_logprobs"))
+@estimator("ma_rlhf", needs=("token_rewards", "values", "ref_logprobs"),
+           ranges={"n": "[1, inf)", "repeat_times": "[1, 1000]", "seed": "[0, inf)", "gamma": "[0, 1]",
+                   "lam": "[0, 1]"})
 def ma_rlhf(batch: RolloutBatch, *, rule: MacroRule = "fixed", n: int = 5, repeat_times: int = 3, seed: int = 0,
             weighting: MacroWeighting = "equal", reward_agg: Literal["sum", "weighted"] = "sum",
             gamma: float = 1.0, lam: float = 0.95, whiten: bool = False) -> Credit:
@@ -284,7 +286,7 @@ def _poad_doc(fn):  # the shared part of both POAD docstrings, appended before r
     return fn
 
 
-@estimator("poad", needs=("token_rewards", "values", "step_ids"))
+@estimator("poad", needs=("token_rewards", "values", "step_ids"), ranges={"gamma": "[0, 1]", "lam": "[0, 1]"})
 @_poad_doc
 def poad(batch: RolloutBatch, *, gamma: float = 0.95, lam: float = 0.95, whiten: bool = True) -> Credit:
     """POAD with actions = reasoning steps (`step_ids`): token-level Bellman backup inside each step.
@@ -294,7 +296,7 @@ def poad(batch: RolloutBatch, *, gamma: float = 0.95, lam: float = 0.95, whiten:
     return _poad(batch, batch.step_ids, gamma, lam, whiten)
 
 
-@estimator("poad_turns", needs=("token_rewards", "values", "turn_ids"))
+@estimator("poad_turns", needs=("token_rewards", "values", "turn_ids"), ranges={"gamma": "[0, 1]", "lam": "[0, 1]"})
 @_poad_doc
 def poad_turns(batch: RolloutBatch, *, gamma: float = 0.95, lam: float = 0.95, whiten: bool = True) -> Credit:
     """POAD with actions = turns (`turn_ids`, the paper's utterances); a single-turn row is one action.
