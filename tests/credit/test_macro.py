@@ -204,7 +204,7 @@ def test_returns_match_loops():
 
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("name,kw,needle", [
-    ("ma_rlhf", {"n": 0}, "n and repeat_times"), ("ma_rlhf", {"rule": "parsing"}, "parsing"),
+    ("ma_rlhf", {"n": 0}, r"\bn\b"), ("ma_rlhf", {"rule": "parsing"}, "parsing"),
     ("ma_rlhf", {"weighting": "mean"}, "weighting"), ("ma_rlhf", {"lam": 1.5}, "lam"),
     ("ma_rlhf", {"reward_agg": "mean"}, "reward_agg"), ("poad", {"gamma": -0.1}, "gamma"),
 ])
