@@ -72,6 +72,7 @@ def tiny_setup():
 
 def _cfg(**critic):
     cfg = TrainConfig()
+    cfg.optim.update_bf16 = False  # what the trainer decides for tiny on CPU (None = auto until build_run)
     for k, v in critic.items():
         setattr(cfg.critic, k, v)
     return cfg

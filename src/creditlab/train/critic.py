@@ -108,7 +108,7 @@ class ValueCritic(Component):
         self.head = ValueHead(self.trunk.config.hidden_size, cfg.run.seed + 3).to(self.trunk.device)
         params = [*self.head.parameters(), *(self.trunk.parameters() if self.separate else ())]
         self.optim = torch.optim.AdamW(params, lr=c.critic_lr, weight_decay=0.0)
-        self.bf16 = cfg.optim.update_bf16  # the precision of the policy update's forward, so old and new V agree
+        self.bf16 = bool(cfg.optim.update_bf16)  # the policy update's (decided by now): old and new V agree
         self.seconds = 0.0
 
     def _values(self, batch: RolloutBatch) -> Tensor:
