@@ -154,6 +154,7 @@ def test_zero_token_columns_return_an_empty_result_without_calling_the_math(scra
     b = random_batch(seed=0)
     empty = b.replace(response_ids=b.response_ids[:, :0], response_mask=b.response_mask[:, :0],
                       **{f: getattr(b, f)[:, :0] for f in ("logprobs", "ref_logprobs", "entropies", "certainty",
-                                                           "token_logits", "values", "token_rewards", "step_ids",
-                                                           "planning_mask", "prm_logprobs", "turn_ids", "tree_node")})
+                                                           "token_logits", "values", "q_values", "token_rewards",
+                                                           "step_ids", "planning_mask", "prm_logprobs", "turn_ids",
+                                                           "tree_node")})
     assert _boom(empty).advantages.shape == (b.B, 0)

@@ -68,6 +68,8 @@ FIELDS: dict[str, FieldSpec] = {
     "token_logits": FieldSpec(("B", "T"), "float", "raw logit of the sampled token",
                               "the rollout engine / creditlab.signals.entropy"),
     "values": FieldSpec(("B", "T"), "float", "critic value V_t of the state before token t", "a critic"),
+    "q_values": FieldSpec(("B", "T"), "float", "critic Q(s, a) of the action (turn) that token t belongs to, "
+                          "written on each of its tokens", "an utterance-level critic (creditlab.train.turn_critic)"),
     "token_rewards": FieldSpec(("B", "T"), "float", "token-level rewards r_t (outcome on the last valid "
                                "token, optionally minus a per-token KL penalty)",
                                "creditlab.signals.rewards.outcome_to_token_rewards"),
@@ -141,6 +143,7 @@ class RolloutBatch:
     certainty: Tensor | None = None
     token_logits: Tensor | None = None
     values: Tensor | None = None
+    q_values: Tensor | None = None
     token_rewards: Tensor | None = None
     step_ids: Tensor | None = None
     step_rewards: Tensor | None = None

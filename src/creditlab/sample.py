@@ -68,7 +68,8 @@ def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: i
         planning_mask=planning_mask, prm_logprobs=prm_logprobs,
         texts=[" ".join(str(int(t)) for t in ids[b, : int(lengths[b])]) for b in range(B)],
     )
-    batch = batch.replace(**turn_fields(mask, seed, max_steps))
+    q_values = torch.where(mask, torch.rand(B, T, generator=torch.Generator().manual_seed(seed + 7_919)), 0.0)
+    batch = batch.replace(**turn_fields(mask, seed, max_steps), q_values=q_values)  # own generators: fields above fixed
     if shuffle:
         batch = batch.select(torch.randperm(B, generator=g))
     return batch.validate()

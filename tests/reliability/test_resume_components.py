@@ -39,6 +39,11 @@ COMPONENTS = {
     # Monte-Carlo values: no state, the continuations are seeded by the step (spo_chain's cuts, vineppo's steps)
     "mc": ["--estimator", "spo_chain", "--mc-samples", "2"],
     "mc/vineppo": ["--estimator", "vineppo", "--mc-samples", "2"],
+    # critics: a value head on the policy's trunk (its own AdamW), a separate value model, ArCHer's turn critic
+    # (online + target copies and their optimizer)
+    "critic": ["--estimator", "gae", "--critic", "head"],
+    "critic/model": ["--estimator", "poad", "--critic", "model:tiny", "--critic-kl-in-reward", "0.05"],
+    "critic/archer": ["--estimator", "archer", "--critic", "model:tiny"],
 }
 
 

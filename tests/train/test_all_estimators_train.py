@@ -41,4 +41,4 @@ def test_estimator_trains_tiny_without_nan(tmp_path, name):
 def test_critic_estimator_without_a_critic_is_a_clear_error(tmp_path, capsys):
     assert main(["train", *BASE, "--estimator", "gae", "--out-dir", str(tmp_path / "gae")]) == 2
     err = capsys.readouterr().err
-    assert "token_rewards" in err and "cannot run" in err
+    assert "needs critic values" in err and "--critic head" in err  # critic estimators: tests/train/test_critic.py

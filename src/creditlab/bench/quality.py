@@ -41,7 +41,8 @@ Signals, produced once (see `fill_signals`): rollout (logprobs, entropies, certa
 step_ids / step_labels (task verifier), step_rewards from the oracle scorer, planning_mask, strata; the implicit
 PRM *at initialisation* for prm_logprobs / ref_logprobs (π_φ = π_ref, so q ≡ 0 and prime / oprl reduce to their
 outcome part); for gae, token_rewards = the outcome on the last token and values ≡ 0 (no critic: with the defaults
-γ = λ = 1 gae is then constant per response). An estimator needing anything else is listed as skipped.
+γ = λ = 1 gae is then constant per response; q_values ≡ 0 too, so archer gives 0). An estimator needing anything
+else is listed as skipped.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from creditlab.batch import RolloutBatch
 FIELD_NOTES = {
     "prm_logprobs": "implicit PRM at init (q≡0): outcome part only",
     "values": "values≡0 (no critic): constant per response",
+    "q_values": "q_values≡0 (no critic): advantage 0",
     "mc_values": "own MC values at its cut points",
 }
 
@@ -210,8 +212,8 @@ def fill_signals(batch: RolloutBatch, ctx: Any) -> RolloutBatch:
         names = [n for n in names if n not in ("step_ids", "step_labels", "step_rewards")]
     batch = produce_signals(batch, names, ctx)  # oracle steps/labels/step_rewards, planning, strata
     batch = produce_step_signals(batch, get_scorer("implicit"), ctx)  # adds prm_logprobs, ref_logprobs (q ≡ 0)
-    return batch.replace(token_rewards=outcome_token_rewards(batch),
-                         values=torch.zeros(batch.B, batch.T)).validate()
+    return batch.replace(token_rewards=outcome_token_rewards(batch), values=torch.zeros(batch.B, batch.T),
+                         q_values=torch.zeros(batch.B, batch.T)).validate()
 
 
 def sample_scored_batch(policy: Any, cfg: QualityConfig) -> tuple[RolloutBatch, list[Any], Any]:

@@ -6,7 +6,8 @@ The trainer (`creditlab.train.loop.rl_step`) runs, per step:
     for c in components: batch = c.produce(batch, sctx)      # fill batch fields (step scores, MC values, values ...)
     batch = produce_signals(batch, needs, sctx)              # the stateless producers keyed by field
     credit = estimator(batch)
-    metrics |= ppo_update(..., components)                   # c.loss(...) terms join the policy's backward
+    metrics |= ppo_update(..., components)                   # c.loss(...) terms join the policy's backward,
+                                                             # c.step() after each policy optimizer step
     for c in components: metrics |= c.update(batch, sctx)    # train online parts (implicit PRM, critic, ...)
     for c in components: metrics |= c.metrics()
 
@@ -65,6 +66,7 @@ class Component:
     """Base class with no-op hooks; subclasses override what they need (see the module docstring)."""
 
     name = "component"
+    wants_hidden = False  # True: ppo_update passes the policy's final hidden states [b, T, H] as outputs["hidden"]
 
     def produce(self, batch: RolloutBatch, ctx: SignalContext) -> RolloutBatch:
         """Fill batch fields before the estimator runs (never overwrite a field the batch already has)."""
@@ -72,8 +74,12 @@ class Component:
 
     def loss(self, batch: RolloutBatch, idx: Tensor, outputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """An extra loss term for the policy's backward on minibatch rows `idx` (e.g. a value head on the policy's
-        trunk); `outputs` holds what the policy forward produced. Default: no term."""
+        trunk); `outputs` holds what the policy forward produced ("logp", "hidden" when `wants_hidden`) and the
+        estimator's value targets for these rows ("returns", when it has them). Default: no term."""
         return torch.zeros(()), {}
+
+    def step(self) -> None:
+        """Called after each policy optimizer step: step an optimizer whose parameters got gradients from `loss`."""
 
     def update(self, batch: RolloutBatch, ctx: SignalContext, credit: Credit) -> dict[str, float]:
         """Train this component on the step's batch after the policy update; returns its loss metrics."""
@@ -148,9 +154,16 @@ def mc_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | Non
     return build_mc_component(cfg, spec, policy, task)
 
 
+def critic_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.critic import critic_component as build  # values / q_values (gae, ma_rlhf, poad, archer)
+
+    return build(cfg, spec, policy, task)
+
+
 # A factory: (TrainConfig, EstimatorSpec, Policy, Task) -> Component | None. Order is the order of `produce`
 # (the agent component first: it sets step_ids = turn_ids for a step scorer on agent rows).
-FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [_agent_component, scorer_component, mc_component]
+FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [_agent_component, scorer_component, mc_component,
+                                                                     critic_component]
 
 
 def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Component]:

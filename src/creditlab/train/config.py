@@ -160,6 +160,38 @@ class MCConfig:
 
 
 @dataclass
+class CriticConfig:
+    critic: str = ""  # value critic: "" none, "head" (value head on the policy's trunk) or "model:<policy>" (separate)
+    critic_lr: float = 1e-4  # critic AdamW learning rate (the head alone with head; trunk and head with model:)
+    critic_coef: float = 0.1  # head: weight of the value loss's gradient in the policy's trunk (0: a linear probe)
+    critic_clip: float | None = 0.5  # value clip around the old values (verl cliprange_value); None: unclipped
+    critic_epochs: int = 1  # model: passes of the critic over each batch
+    critic_minibatches: int | None = None  # model: gradient steps per pass (None: the policy's --minibatches)
+    critic_max_grad_norm: float = 1.0  # gradient clipping of the critic's own parameters
+    critic_kl_in_reward: float = 0.0  # beta of a per-token KL reward (verl use_kl_in_reward, k1); 0: off
+    critic_gamma: float = 0.95  # archer: TD discount of the turn-level critic (ArCHer's default)
+    critic_tau: float = 0.1  # archer: soft update rate of the target critic (ArCHer's default)
+
+    def validate(self) -> None:
+        if self.critic not in ("", "head") and not (self.critic.startswith("model:") and self.critic[6:]):
+            raise ValueError(f"--critic must be '', 'head' or 'model:<policy>', got {self.critic!r}")
+        for flag, value in (("--critic-lr", self.critic_lr), ("--critic-max-grad-norm", self.critic_max_grad_norm)):
+            if not value > 0:
+                raise ValueError(f"{flag} must be > 0, got {value}")
+        if self.critic_coef < 0 or self.critic_kl_in_reward < 0:
+            raise ValueError(f"--critic-coef and --critic-kl-in-reward must be >= 0, got {self.critic_coef}, "
+                             f"{self.critic_kl_in_reward}")
+        if self.critic_clip is not None and not self.critic_clip > 0:
+            raise ValueError(f"--critic-clip must be > 0 or None, got {self.critic_clip}")
+        if self.critic_epochs < 1 or (self.critic_minibatches is not None and self.critic_minibatches < 1):
+            raise ValueError(f"--critic-epochs and --critic-minibatches must be >= 1, got {self.critic_epochs}, "
+                             f"{self.critic_minibatches}")
+        if not 0 <= self.critic_gamma <= 1 or not 0 < self.critic_tau <= 1:
+            raise ValueError(f"--critic-gamma must be in [0, 1] and --critic-tau in (0, 1], got {self.critic_gamma}, "
+                             f"{self.critic_tau}")
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -168,6 +200,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     mc: MCConfig = field(default_factory=MCConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

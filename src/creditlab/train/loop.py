@@ -77,7 +77,7 @@ def dump_samples(path: Path, policy: Policy, batch: RolloutBatch, advantages: to
 # ------------------------------------------------------------------ one RL step
 def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | None, optim: torch.optim.Optimizer,
                batch: RolloutBatch, advantages: torch.Tensor, gen: torch.Generator,
-               components: Sequence[Component] = ()) -> dict[str, float]:
+               components: Sequence[Component] = (), returns: torch.Tensor | None = None) -> dict[str, float]:
     o, model = cfg.optim, policy.model
     model.train()
     temp = cfg.rollout.temperature
@@ -94,6 +94,7 @@ def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | No
             with torch.no_grad(), autocast():
                 ref_logp, _ = sequence_logprobs(ref_model, *args, temperature=temp)
     norm_constant = o.norm_constant or float(cfg.rollout.max_new_tokens)
+    want_hidden = any(c.wants_hidden for c in components)  # a value head on the trunk reads the same forward
     sums: dict[str, float] = {}
     n_updates = 0
     for _ in range(o.ppo_epochs):
@@ -101,7 +102,8 @@ def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | No
         for idx in perm.chunk(o.minibatches):
             mask = batch.response_mask[idx]
             with autocast():  # the precision old_logp used, so the first ratio is 1 up to float noise
-                logp, _ = sequence_logprobs(model, *(a[idx] for a in args), temperature=temp)
+                logp, _, *hidden = sequence_logprobs(model, *(a[idx] for a in args), temperature=temp,
+                                                     return_hidden=want_hidden)
             old = old_logp[idx] if old_logp is not None else logp.detach()
             pg_loss, m = ppo_clip_loss(logp, old, advantages[idx], mask, clip_low=o.clip_low, clip_high=o.clip_high,
                                        dual_clip=o.dual_clip, agg=o.loss_agg, norm_constant=norm_constant)
@@ -111,13 +113,17 @@ def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | No
                                norm_constant=norm_constant)
                 loss = loss + o.kl_coef * kl
                 m["loss/kl"] = float(kl.detach())
+            outputs = {"logp": logp, **({"hidden": hidden[0]} if hidden else {}),
+                       **({"returns": returns[idx]} if returns is not None else {})}
             for component in components:  # e.g. a value head on the policy's trunk joins this backward
-                extra, extra_m = component.loss(batch, idx, {"logp": logp})
+                extra, extra_m = component.loss(batch, idx, outputs)
                 loss, m = loss + extra, {**m, **extra_m}
             optim.zero_grad(set_to_none=True)
             loss.backward()
             m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm))
             optim.step()
+            for component in components:
+                component.step()
             m.update({"loss/pg": float(pg_loss.detach()), "loss/total": float(loss.detach())})
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -150,7 +156,8 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
     t3 = time.perf_counter()
     for group in ctx["optim"].param_groups:  # a function of the step alone, so --resume needs no scheduler state
         group["lr"] = cfg.optim.lr * min(1.0, (state.step + 1) / max(cfg.optim.warmup_steps, 1))
-    metrics = ppo_update(cfg, policy, ctx["ref_model"], ctx["optim"], batch, credit.advantages, gen, components)
+    metrics = ppo_update(cfg, policy, ctx["ref_model"], ctx["optim"], batch, credit.advantages, gen, components,
+                         returns=credit.returns)
     for component in components:  # online parts train after the policy step, as OPRL/iStar orders it
         metrics.update(component.update(batch, signal_ctx, credit))
         metrics.update(component.metrics())
@@ -193,10 +200,11 @@ def build_run(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"--policy: {one_line(e)}") from None
     cfg = with_precision(cfg, device, policy.model)  # auto (None) precision decided for this device and model
     ref_model = None
-    if cfg.optim.kl_coef > 0 or "ref_logprobs" in spec.needs:  # copied before a resume loads the trained weights
+    needs = (*spec.needs, "ref_logprobs") if cfg.critic.critic_kl_in_reward > 0 else spec.needs  # KL reward
+    if cfg.optim.kl_coef > 0 or "ref_logprobs" in needs:  # copied before a resume loads the trained weights
         ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     optim = torch.optim.AdamW(policy.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    return {"policy": policy, "task": task, "ref_model": ref_model, "optim": optim, "needs": spec.needs,
+    return {"policy": policy, "task": task, "ref_model": ref_model, "optim": optim, "needs": needs,
             "components": build_components(cfg, spec, policy, task), "est_kwargs": cfg.estimator_kwargs(),
             "rollout": build_rollout(cfg, task), "pool": pool, "held_out": held_out, "cfg": cfg,
             "device": device}
