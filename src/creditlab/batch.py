@@ -3,6 +3,7 @@
 Shape letters (used everywhere in creditlab):
     B  responses (rows) in the batch        T  padded response length (token columns)
     S  padded number of steps/segments      P  padded prompt length
+    K  padded number of cut points (truncate-and-answer budgets or step boundaries)
 
 A `RolloutBatch` is what estimators read; a `Credit` is what they return. Optional fields are filled by
 the signal producers named in `FIELDS`; an estimator declares the ones it reads in `@estimator(needs=...)`
@@ -78,6 +79,18 @@ FIELDS: dict[str, FieldSpec] = {
                           "creditlab.signals.attention"),
     "attn_waad": FieldSpec(("B", "T"), "float", "windowed average attention distance per response token",
                            "creditlab.signals.attention"),
+    "punct_mask": FieldSpec(("B", "T"), "bool", "True on response tokens whose decoded text is only punctuation "
+                            "and/or whitespace (to log how much attention-selected credit lands on them)",
+                            "creditlab.signals.attention (punctuation_mask)"),
+    "cut_lens": FieldSpec(("B", "K"), "long", "truncate-and-answer cut points: number of response tokens kept "
+                          "before the answer cue at cut k (ascending; a value >= the response length means the "
+                          "whole response); -1 pads unused columns", "creditlab.signals.budget"),
+    "cut_scores": FieldSpec(("B", "K"), "float", "mean task score of the answers sampled after cut k (0 in "
+                            "padding columns)", "creditlab.signals.budget"),
+    "think_budget": FieldSpec(("B",), "long", "token budget stated in the response's prompt (HBPO budget-"
+                              "prefixed prompts)", "creditlab.signals.budget.BudgetPrefixRollout"),
+    "correct": FieldSpec(("B",), "bool", "the task verifier's verdict (Score.correct) for each response",
+                         "a task verifier (creditlab.tasks)"),
     "turn_ids": FieldSpec(("B", "T"), "long", "turn index of each token in multi-turn rows; -1 outside",
                           "a multi-turn environment"),
     "traj_ids": FieldSpec(("B",), "long", "trajectory id of each row when one row is one agent step",
@@ -122,6 +135,11 @@ class RolloutBatch:
     prm_logprobs: Tensor | None = None
     attn_fai: Tensor | None = None
     attn_waad: Tensor | None = None
+    punct_mask: Tensor | None = None
+    cut_lens: Tensor | None = None
+    cut_scores: Tensor | None = None
+    think_budget: Tensor | None = None
+    correct: Tensor | None = None
     turn_ids: Tensor | None = None
     traj_ids: Tensor | None = None
     anchor_obs: Tensor | None = None
@@ -197,6 +215,12 @@ class RolloutBatch:
                 if steps is not None and int(self.step_ids.max()) >= steps.shape[1]:
                     raise ValueError(f"RolloutBatch.{name} has S={steps.shape[1]} columns but step_ids "
                                      f"reaches {int(self.step_ids.max())}")
+        if self.cut_lens is not None and bool((self.cut_lens < -1).any()):
+            raise ValueError("RolloutBatch.cut_lens must be >= -1 (-1 pads unused cut columns)")
+        if self.cut_lens is not None and self.cut_scores is not None \
+                and self.cut_lens.shape != self.cut_scores.shape:
+            raise ValueError(f"RolloutBatch.cut_scores shape {tuple(self.cut_scores.shape)} != cut_lens shape "
+                             f"{tuple(self.cut_lens.shape)}")
         if self.turn_ids is not None and bool(((~mask) & (self.turn_ids != -1)).any()):
             raise ValueError("RolloutBatch.turn_ids must be -1 outside response_mask")
         if self.step_labels is not None and bool(((self.step_labels < -1) | (self.step_labels > 1)).any()):

@@ -131,8 +131,21 @@ def scorer_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component |
     return ScorerComponent(get_scorer(cfg.run.scorer, **cfg.scorer_kwargs()))
 
 
+def attention_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.attn_budget import attention_component as factory
+
+    return factory(cfg, spec, policy, task)
+
+
+def budget_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.attn_budget import budget_component as factory
+
+    return factory(cfg, spec, policy, task)
+
+
 # A factory: (TrainConfig, EstimatorSpec, Policy, Task) -> Component | None. Order is the order of `produce`.
-FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [scorer_component]
+FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [scorer_component, attention_component,
+                                                                     budget_component]
 
 
 def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Component]:
@@ -146,4 +159,6 @@ def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Compon
 
 def build_rollout(cfg: Any, task: Any) -> Rollout:
     """The run's rollout strategy (single-turn sampling unless a family registers another)."""
-    return SingleTurn()
+    from creditlab.train.attn_budget import budget_rollout
+
+    return budget_rollout(cfg, task) or SingleTurn()

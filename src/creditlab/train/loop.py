@@ -29,6 +29,7 @@ from creditlab.registry import get_estimator, get_spec
 from creditlab.rollout.hf import SamplingConfig, generate, sequence_logprobs
 from creditlab.signals.produce import SignalContext, produce_signals
 from creditlab.tasks import Problem, Task, get_task
+from creditlab.train.attn_budget import anytime_eval_metrics
 from creditlab.train.components import Component, build_components, build_rollout
 from creditlab.train.config import TrainConfig
 from creditlab.train.losses import aggregate, kl_penalty, ppo_clip_loss
@@ -273,9 +274,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
            "pool": task.problems("train", cfg.run.train_pool, cfg.run.seed), "needs": spec.needs,
            "est_kwargs": cfg.estimator_kwargs(), "rollout": build_rollout(cfg, task), "components": components}
     held_out = task.problems("test", cfg.eval.eval_problems, cfg.run.seed)
-    evaluate_now = lambda: evaluate(policy, task, held_out, max_new_tokens=cfg.rollout.max_new_tokens)  # noqa: E731
+
+    def evaluate_now() -> dict[str, float]:  # held-out accuracy, and accuracy at each budget when budgets are set
+        return {"eval/accuracy": evaluate(policy, task, held_out, max_new_tokens=cfg.rollout.max_new_tokens),
+                **anytime_eval_metrics(cfg, policy, task, held_out)}
+
     if state.step == 0:
-        logger.log(0, {"eval/accuracy": evaluate_now(), "samples": 0})
+        logger.log(0, {**evaluate_now(), "samples": 0})
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     bar = _progress(cfg, state.step)
     metrics: dict[str, Any] = {}
@@ -284,7 +289,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state.step += 1
         state.samples = int(metrics["samples"])
         if state.step % cfg.eval.eval_every == 0 or state.step == cfg.run.steps:
-            metrics["eval/accuracy"] = evaluate_now()
+            metrics.update(evaluate_now())
         logger.log(state.step, metrics)
         if cfg.log.sample_every and (state.step % cfg.log.sample_every == 0 or state.step == 1):
             dump_samples(run_dir / "samples" / f"step_{state.step:06d}.json", policy, batch, credit.advantages)
