@@ -115,8 +115,11 @@ class Answers:
 
 def truncate_and_answer(batch: RolloutBatch, cuts: Cuts, ctx: Any, *, answers: int, answer_tokens: int, cue: str,
                         temperature: float = 1.0, top_p: float = 1.0, bf16: bool = False,
-                        max_rows: int | None = 512) -> Answers:
-    """Sample `answers` answers after every cut that needs them and score them; see the module docstring."""
+                        max_rows: int | None = 512, correct_only: bool = False) -> Answers:
+    """Sample `answers` answers after every cut that needs them and score them; see the module docstring.
+
+    A cell whose response stopped before the cut takes `batch.rewards`; `correct_only` scores sampled answers 1/0
+    by `Score.correct` instead of `Score.reward` (accuracy)."""
     from creditlab.rollout.hf import SamplingConfig, continue_from
 
     if answers < 1 or answer_tokens < 1:
@@ -151,8 +154,8 @@ def truncate_and_answer(batch: RolloutBatch, cuts: Cuts, ctx: Any, *, answers: i
     scores = []
     for i, outs in enumerate(sampled):
         problem = ctx.problems[int(batch.group_ids[owner[i][0]])]
-        scores.append([float(ctx.task.score(problem, texts[i] + tok.decode(a, skip_special_tokens=True)).reward)
-                       for a in outs])
+        verdicts = [ctx.task.score(problem, texts[i] + tok.decode(a, skip_special_tokens=True)) for a in outs]
+        scores.append([float(v.correct) if correct_only else float(v.reward) for v in verdicts])
     if hasattr(ctx, "count"):
         ctx.count("samples/extra", len(prefixes) * answers)
         ctx.count("tokens/extra", sum(len(a) for outs in sampled for a in outs))
@@ -184,26 +187,15 @@ def anytime_accuracy(policy: Any, task: Any, problems: Sequence[Any], budgets: S
         scores = [task.score(p, t) for p, t in zip(part, batch.texts)]
         batch = batch.replace(rewards=torch.tensor([float(s.correct) for s in scores], device=batch.rewards.device))
         lengths += float(batch.response_mask.sum())
-        ctx = SignalContext(policy=policy, problems=part, scores=scores, task=_Correct(task), seed=0)
+        ctx = SignalContext(policy=policy, problems=part, scores=scores, task=task, seed=0)
         out = truncate_and_answer(batch, budget_cuts(batch, budgets, policy.stop_ids), ctx, answers=1,
-                                  answer_tokens=answer_tokens, cue=cue, temperature=0.0)
+                                  answer_tokens=answer_tokens, cue=cue, temperature=0.0, correct_only=True)
         correct += out.cut_scores.float().sum(0).cpu()
     acc = correct / len(problems)
     metrics = {f"eval/acc@{b}": float(a) for b, a in zip(budgets, acc)}
     metrics["eval/anytime_auc"] = float(acc.mean())
     metrics["eval/length"] = lengths / len(problems)
     return metrics
-
-
-class _Correct:
-    """A task whose score's reward is 1.0 for a correct answer (accuracy), else 0.0."""
-
-    def __init__(self, task: Any) -> None:
-        self.task = task
-
-    def score(self, problem: Any, text: str) -> Any:
-        s = self.task.score(problem, text)
-        return type("S", (), {"reward": float(s.correct)})()
 
 
 # ------------------------------------------------------------------------------------------------ HBPO rollout
