@@ -152,3 +152,18 @@ def test_missing_signal_names_its_producer():
     b = ragged(2).replace(attn_fai=None)
     with pytest.raises(ValueError, match=r"attn_fai.*creditlab\.signals\.attention"):
         get_estimator("attn_global")(b)
+
+
+def with_holes(b, seed):
+    """Masked-out tokens inside responses (multi-turn observation tokens): the valid tokens are not a prefix."""
+    keep = torch.rand(b.response_mask.shape, generator=torch.Generator().manual_seed(seed)) > 0.25
+    mask = b.response_mask & keep
+    return b.replace(response_mask=mask, step_ids=torch.where(mask, b.step_ids, -1)).validate()
+
+
+@pytest.mark.parametrize("name,kw", CASES)
+def test_matches_loop_reference_with_holes_in_the_mask(name, kw):
+    for seed in range(30):
+        b = with_holes(ragged(seed), seed)
+        torch.testing.assert_close(get_estimator(name)(b, **kw).advantages.double(), LOOPS[name](b, **kw),
+                                   atol=1e-5, rtol=1e-5)

@@ -182,3 +182,14 @@ def test_matches_loop_reference(name, kw):
 def test_bad_hyperparameters_name_the_parameter(name, kw, needle):
     with pytest.raises(ValueError, match=needle):
         get_estimator(name)(ragged(3), **kw)
+
+
+@pytest.mark.parametrize("name,kw", CASES)
+def test_matches_loop_reference_with_holes_in_the_mask(name, kw):
+    for seed in range(30):
+        b = ragged(seed)
+        keep = torch.rand(b.response_mask.shape, generator=torch.Generator().manual_seed(seed)) > 0.25
+        mask = b.response_mask & keep
+        b = b.replace(response_mask=mask, step_ids=torch.where(mask, b.step_ids, -1)).validate()
+        torch.testing.assert_close(get_estimator(name)(b, **kw).advantages.double(), LOOPS[name](b, **kw),
+                                   atol=1e-5, rtol=1e-5)

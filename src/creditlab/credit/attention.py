@@ -36,18 +36,35 @@ _F64 = torch.float64
 
 
 # ------------------------------------------------------------------------------------------ shared primitives
+def _compaction(mask: Tensor) -> tuple[Tensor | None, Tensor]:
+    """(order or None, compact mask): None when the valid tokens already form a prefix of each row (the usual
+    case), so callers skip the gather/scatter; else `ops.compact_left`."""
+    prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < mask.sum(1, keepdim=True)
+    if torch.equal(prefix, mask):
+        return None, prefix
+    return compact_left(mask)
+
+
+def _gather(x: Tensor, order: Tensor | None) -> Tensor:
+    return x if order is None else x.gather(1, order)
+
+
+def _scatter(x: Tensor, order: Tensor | None) -> Tensor:
+    return x if order is None else torch.zeros_like(x).scatter(1, order, x)
+
+
 def waad_delta(waad: Tensor, mask: Tensor) -> Tensor:
     """Delta_t = |WAAD_t - WAAD_{t+1}| between consecutive valid tokens (paper eq. 14); [B,T] float64.
 
     The token *before* the jump carries it (the paper's formula marks t, not t + 1). The last valid token of a row
     has no successor: its Delta is 0 (undefined, never selected). 0 outside `mask`.
     """
-    order, cmask = compact_left(mask)  # valid tokens first, in order
-    w = waad.to(_F64).gather(1, order)  # [B,T] compacted
+    order, cmask = _compaction(mask)  # valid tokens first, in order
+    w = _gather(waad.to(_F64), order)  # [B,T] compacted
     nxt = torch.cat([w[:, 1:], torch.zeros_like(w[:, :1])], dim=1)
     has_next = torch.cat([cmask[:, 1:], torch.zeros_like(cmask[:, :1])], dim=1)
     d = torch.where(cmask & has_next, (w - nxt).abs(), torch.zeros_like(w))
-    return torch.zeros_like(d).scatter(1, order, d)
+    return _scatter(d, order)
 
 
 def top_q_mask(score: Tensor, mask: Tensor, q: float) -> Tensor:
@@ -63,12 +80,12 @@ def top_q_mask(score: Tensor, mask: Tensor, q: float) -> Tensor:
 def _window_max(delta: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """For each valid token t: max of Delta over the k valid tokens before it and the column of that argmax
     (earliest on ties). Returns (max [B,T] float64, -inf where the window is empty; arg [B,T] long)."""
-    order, cmask = compact_left(mask)
-    d = torch.where(cmask, delta.to(_F64).gather(1, order), torch.full_like(delta, -torch.inf, dtype=_F64))
+    order, cmask = _compaction(mask)
+    d = torch.where(cmask, _gather(delta.to(_F64), order), torch.full_like(delta, -torch.inf, dtype=_F64))
     T = d.shape[1]
     best = torch.full_like(d, -torch.inf)
-    best_pos = torch.zeros_like(order)  # compacted index of the argmax
-    pos = torch.arange(T, device=d.device).expand_as(order)
+    pos = torch.arange(T, device=d.device).expand(d.shape)
+    best_pos = torch.zeros_like(pos)  # compacted index of the argmax
     for j in range(k, 0, -1):  # earliest offset first, so ">" keeps the earliest position on ties
         shifted = torch.cat([torch.full_like(d[:, :j], -torch.inf), d[:, :-j]], dim=1) if j < T \
             else torch.full_like(d, -torch.inf)
@@ -76,6 +93,8 @@ def _window_max(delta: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
         best = torch.where(better, shifted, best)
         best_pos = torch.where(better, pos - j, best_pos)
     best = torch.where(cmask, best, torch.full_like(best, -torch.inf))
+    if order is None:
+        return best, best_pos.clamp_min(0)
     arg_col = order.gather(1, best_pos.clamp_min(0))  # back to original columns
     out_best = torch.full_like(best, -torch.inf).scatter(1, order, best)
     out_arg = torch.zeros_like(order).scatter(1, order, arg_col)
@@ -168,8 +187,8 @@ def attn_global(batch: RolloutBatch, *, gamma_amp: float = 1.5, q: float = 0.4, 
 
 
 def coupled_gamma(waad: Tensor, fai: Tensor, mask: Tensor, *, gamma_amp: float, q: float, k: int, alpha: float,
-                  tau_waad: float | None, tau_delta: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    """gamma [B,T] of the coupled strategy (eq. 18-19), the selected tokens T_glob | I(D), and D."""
+                  tau_waad: float | None, tau_delta: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """gamma [B,T] of the coupled strategy (eq. 18-19), the selected tokens T_glob | I(D), D and T_glob."""
     delta = waad_delta(waad, mask)  # [B,T]
     t_glob = top_q_mask(fai, mask, q)
     t_loc = top_q_mask(delta, mask, q)
@@ -185,7 +204,7 @@ def coupled_gamma(waad: Tensor, fai: Tensor, mask: Tensor, *, gamma_amp: float, 
     bonus = gamma_amp - 1.0
     gamma = (1.0 + bonus * (t_glob & ~dominated).to(_F64) + (1 - alpha) * bonus * dominated.to(_F64)
              + alpha * bonus * intro_mask.to(_F64))
-    return gamma, t_glob | intro_mask, dominated
+    return gamma, t_glob | intro_mask, dominated, t_glob
 
 
 @estimator("attn_coupled", needs=("attn_waad", "attn_fai", "punct_mask"))
@@ -212,8 +231,8 @@ def attn_coupled(batch: RolloutBatch, *, gamma_amp: float = 1.5, q: float = 0.4,
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (share of a dominated anchor's bonus moved back), got {alpha}")
     mask = batch.response_mask
-    gamma, selected, dominated = coupled_gamma(batch.attn_waad, batch.attn_fai, mask, gamma_amp=gamma_amp, q=q, k=k,
-                                               alpha=alpha, tau_waad=tau_waad, tau_delta=tau_delta)
-    n_glob = int(top_q_mask(batch.attn_fai, mask, q).sum())
+    gamma, selected, dominated, t_glob = coupled_gamma(batch.attn_waad, batch.attn_fai, mask, gamma_amp=gamma_amp,
+                                                       q=q, k=k, alpha=alpha, tau_waad=tau_waad, tau_delta=tau_delta)
+    n_glob = int(t_glob.sum())
     return _shaped(batch, gamma, selected, sign, eps=eps, scale_by_std=scale_by_std, singleton=singleton,
                    **{"attn_dominated_frac": float(dominated.sum()) / max(n_glob, 1)})
