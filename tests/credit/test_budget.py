@@ -107,6 +107,12 @@ def test_hbpo_reward_hand_values():
     r = hbpo_reward(correct, length, budget, torch.tensor([0.0, 0, 0, 0.3, 0]), beta=4.0, l_max=100, alpha=0.01)
     # [min(f(50), f(50)), min(f(100) - .5, f(50)), min(f(50) - .5, f(100)), wrong -> task reward, too long -> 0]
     assert r.tolist() == pytest.approx([2.828427, -0.5, 0.0, 0.3, 0.0], abs=1e-5)
+    # paper's piecewise form: row 2 (L = 50 <= b = 100) takes f2 = f(100) = 0 either way; a within-budget row
+    # where f1 < f2: l_max = 100, b = 10, L = 1: f1 = 4 cos(pi/200) - .09 = 3.9095, f2 = 4 cos(pi/20) = 3.9507
+    args = (torch.tensor([True]), torch.tensor([1]), torch.tensor([10]), torch.tensor([0.0]))
+    assert float(hbpo_reward(*args, beta=4.0, l_max=100, alpha=0.01)) == pytest.approx(3.909507, abs=1e-5)
+    assert float(hbpo_reward(*args, beta=4.0, l_max=100, alpha=0.01, piecewise=True)) == pytest.approx(3.950753,
+                                                                                                        abs=1e-5)
 
 
 def test_hbpo_advantage_hand_case():
@@ -161,6 +167,7 @@ CASES = [
     ("brpo", {"prior": "base", "baseline": "v2only", "singleton": "raw"}), ("brpo", {"baseline": "none"}),
     ("brpo", {"history_base": 3.0}),
     ("hbpo", {"l_max": 64}), ("hbpo", {"l_max": 32, "singleton": "raw", "alpha": 0.1, "beta": 1.0}),
+    ("hbpo", {"l_max": 16, "piecewise": True}),
     ("vsrm", {}), ("vsrm", {"lookahead": 2, "gamma": 0.9}), ("vsrm", {"whiten": False, "step_coef": 0.5,
                                                                       "lookahead": 1}),
 ]

@@ -173,23 +173,24 @@ def summary_advantages(scores: Tensor, prefix_ids: Tensor, group_budget_ids: Ten
 
 # ------------------------------------------------------------------------------------------------ HBPO
 def hbpo_reward(correct: Tensor, length: Tensor, budget: Tensor, fallback: Tensor, *, beta: float, l_max: int,
-                alpha: float) -> Tensor:
+                alpha: float, piecewise: bool = False) -> Tensor:
     """HBPO's budget-aware reward [B] float64 (rllm/rewards/math_reward.py in ZJU-REAL/HBPO).
 
-    Correct and L <= l_max: min(beta cos(pi L / (2 l_max)) - alpha |b - L|, beta cos(pi b / (2 l_max))).
-    Correct but longer than l_max: 0 (the reference falls through to `incorrect_reward`). Wrong: `fallback`
-    (the task's reward).
+    Correct and L <= l_max: min(beta cos(pi L / (2 l_max)) - alpha |b - L|, beta cos(pi b / (2 l_max))) (the
+    code); `piecewise=True` gives the paper's eq.: f1 if L > b else f2. Correct but longer than l_max: 0 (the
+    reference falls through to `incorrect_reward`). Wrong: `fallback` (the task's reward).
     """
     L, b = length.to(_F64), budget.to(_F64)
     f1 = beta * torch.cos(math.pi * L / (2 * l_max)) - alpha * (b - L).abs()
     f2 = beta * torch.cos(math.pi * b / (2 * l_max))
+    shaped = torch.where(L > b, f1, f2) if piecewise else torch.minimum(f1, f2)
     ok = correct & (L <= l_max)
-    return torch.where(ok, torch.minimum(f1, f2), torch.where(correct, torch.zeros_like(L), fallback.to(_F64)))
+    return torch.where(ok, shaped, torch.where(correct, torch.zeros_like(L), fallback.to(_F64)))
 
 
 @estimator("hbpo", needs=("think_budget", "correct"))
 def hbpo(batch: RolloutBatch, *, beta: float = 4.0, l_max: int = 4096, alpha: float | None = None,
-         eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:
+         piecewise: bool = False, eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:
     """HBPO: budget-aware reward, GRPO z-score over the whole group plus an intra-budget term.
 
     Paper: "Hierarchical Budget Policy Optimization for Adaptive Reasoning" (arXiv 2507.15844), Algorithm 1.
@@ -200,7 +201,9 @@ def hbpo(batch: RolloutBatch, *, beta: float = 4.0, l_max: int = 4096, alpha: fl
     Formula: R = hbpo_reward(correct, L, b) with f(x) = beta cos(pi x / (2 l_max)); A = (R - mean_g R) /
     (std_g R + eps) + (mean_{g,b} R - f(b)), std unbiased, broadcast to tokens. The second term is the paper's
     A^intra = mu_i - R_{b_i}; the first is A^inter.
-    Defaults: beta = 4, l_max = 4096 (the reference's context window, also its length limit), alpha = 1/l_max.
+    Defaults: beta = 4, l_max = 4096 (the reference's context window, also its length limit), alpha = 1/l_max;
+    the reward is the code's min(f1, f2); `piecewise=True` is the paper's eq. (f1 above the budget, f2 within it),
+    which differs only where f1 < f2 within the budget (budgets below ~l_max/10).
     At CPU scale pass l_max near --max-new-tokens (e.g. '{"l_max": 256}'), or every budget looks tiny.
     Deviations / reference bugs not copied: the intra term is added once (the reference adds it twice), the row's
     own budget is used (the reference calls `.item()` on a [T] row), singleton groups get no intra term (the
@@ -218,7 +221,8 @@ def hbpo(batch: RolloutBatch, *, beta: float = 4.0, l_max: int = 4096, alpha: fl
                          "the largest budget (the reference: budgets <= 2560, l_max = 4096)")
     a_dev = 1.0 / l_max if alpha is None else alpha
     length = batch.response_mask.sum(1)
-    R = hbpo_reward(batch.correct, length, batch.think_budget, batch.rewards, beta=beta, l_max=l_max, alpha=a_dev)
+    R = hbpo_reward(batch.correct, length, batch.think_budget, batch.rewards, beta=beta, l_max=l_max, alpha=a_dev,
+                    piecewise=piecewise)
     inter = group_advantage(R, batch.group_ids, eps=eps, singleton=singleton)  # [B] z-score, 0 for constant groups
     key = torch.stack([batch.group_ids, batch.think_budget], dim=1)
     sub_mean, _, _, _ = group_stats(R, torch.unique(key, dim=0, return_inverse=True)[1])

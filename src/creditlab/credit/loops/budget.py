@@ -67,7 +67,7 @@ def loop_brpo(batch, prior="uniform", baseline="brpo", history_base=2.0, singlet
     return out
 
 
-def loop_hbpo(batch, beta=4.0, l_max=4096, alpha=None, eps=1e-6, singleton="zero"):
+def loop_hbpo(batch, beta=4.0, l_max=4096, alpha=None, piecewise=False, eps=1e-6, singleton="zero"):
     alpha = 1.0 / l_max if alpha is None else alpha
     R = []
     for b in range(batch.B):
@@ -75,7 +75,8 @@ def loop_hbpo(batch, beta=4.0, l_max=4096, alpha=None, eps=1e-6, singleton="zero
         bud = int(batch.think_budget[b])
         if bool(batch.correct[b]) and L <= l_max:
             f1 = beta * math.cos(math.pi * L / (2 * l_max)) - alpha * abs(bud - L)
-            R.append(min(f1, beta * math.cos(math.pi * bud / (2 * l_max))))
+            f2 = beta * math.cos(math.pi * bud / (2 * l_max))
+            R.append((f1 if L > bud else f2) if piecewise else min(f1, f2))
         elif bool(batch.correct[b]):
             R.append(0.0)
         else:
