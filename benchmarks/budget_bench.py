@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def run_all(args: argparse.Namespace, methods: dict[str, list[str]]) -> dict[str
                 if (run_dir / "latest").exists():
                     cmd.append("--resume")
                 t0 = time.time()
-                print(f"[{name} seed {seed}] {' '.join(cmd[3:])}", flush=True)
+                print(f"[{name} seed {seed}] {shlex.join(cmd[3:])}", flush=True)
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 print(f"[{name} seed {seed}] {time.time() - t0:.0f} s", flush=True)
                 rows = read_rows(run_dir)
@@ -89,7 +90,8 @@ def summarize(results: dict[str, list[list[dict[str, Any]]]], budgets: list[int]
     for name, runs in results.items():
         finals = [r[-1] for r in runs if r]
         first = [r[0] for r in runs if r]
-        train_len = [statistics.mean(x.get("response/length", 0.0) for x in r[-5:]) for r in runs if len(r) > 1]
+        train_len = [statistics.mean(x["response/length"] for x in [y for y in r if "response/length" in y][-5:])
+                     for r in runs if any("response/length" in y for y in r)]
         samples = [float(f.get("samples", 0)) for f in finals]
         row = {"accuracy": [f["eval/accuracy"] for f in finals],
                "anytime AUC": [f.get("eval/anytime_auc", float("nan")) for f in finals],
@@ -136,8 +138,8 @@ def report(args: argparse.Namespace, results: dict[str, list[list[dict[str, Any]
         plot_line = "![anytime accuracy](anytime.png)"
     except ValueError as e:
         plot_line = f"(no anytime plot: {e})"
-    text = [f"# {title}", "", f"commit `{commit}`; command: `python {' '.join(sys.argv)}`", "",
-            f"Base run: `creditlab train {' '.join(base_args(args))}` + per-method options "
+    text = [f"# {title}", "", f"commit `{commit}`; command: `python {shlex.join(sys.argv)}`", "",
+            f"Base run: `creditlab train {shlex.join(base_args(args))}` + per-method options "
             f"`{json.dumps({n: method_args(n, e, args) for n, e in methods.items()})}`.", "",
             "Final held-out evaluation (greedy), mean ± std over seeds:", "", table, "", plot_line, "",
             "Noise:", *noise_notes(data), ""]
@@ -179,6 +181,11 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     methods = select(DEFAULT_METHODS, args.methods)
+    from creditlab.signals.budget import parse_budgets
+
+    if "hbpo" in methods and args.group_size % len(parse_budgets(args.budgets)):
+        raise SystemExit(f"hbpo needs --group-size ({args.group_size}) to be a multiple of the number of budgets "
+                         f"({args.budgets})")
     report(args, run_all(args, methods), "Budget credit vs GRPO", methods)
 
 
