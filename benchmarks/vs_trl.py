@@ -2,17 +2,23 @@
 
     .venv-trl/bin/python benchmarks/vs_trl.py                       # SmolLM2-135M, one-digit chain_sum, 10 steps
     .venv-trl/bin/python benchmarks/vs_trl.py --steps 10 --out runs/vs_trl.json
+    .venv-trl/bin/python benchmarks/vs_trl.py --precision fp32 --steps 3   # only the fp32 pair
     .venv-trl/bin/python benchmarks/vs_trl.py --tiny --steps 1      # smoke mode: tiny policy, tiny sizes (~30 s)
     .venv-trl/bin/python benchmarks/vs_trl.py --profile             # + cProfile of one creditlab step
 
 Needs TRL (run it from .venv-trl: `make .venv-trl/.installed`; creditlab is installed there editable).
 
-What runs, in this order, in one Python process:
+What runs, in one Python process, for each precision pair (`--precision`: fp32 = both sides fp32; bf16 = TRL's
+`bf16=True` mixed precision against creditlab's `--bf16 --update-bf16`, both bf16 autocast over fp32 master
+weights and fp32 AdamW; default: both pairs where the device multiplies bf16 natively, else fp32 only):
   1. warm-up (untimed): one creditlab step and one TRL step, each on a throwaway copy of the policy (the first
      run after a machine boots is several times slower; this also warms torch's kernels for both sides);
   2. creditlab: `train(cfg)` (the `creditlab train` entry point) for `--steps` steps, GRPO, from the initial policy;
   3. TRL: `GRPOTrainer.train()` for `--steps` steps from a fresh copy of the same initial policy;
   4. held-out greedy accuracy of both trained policies with creditlab's `evaluate()` on the same problems.
+Each step's peak resident memory is measured on both sides the same way (`creditlab.bench.memory.PeakMemory`
+around creditlab's `rl_step` and between TRL's `on_step_begin`/`on_step_end`), and the record names the CPU
+(`lscpu` model, bf16 flags) it ran on.
 
 Same settings on both sides: 8 prompts x 4 samples x 40 new tokens per step, temperature 1, top-p 1, AdamW with
 the same constant learning rate (TRL's default linear decay is switched off), weight decay 0, grad-norm clip 1.0,
@@ -23,15 +29,14 @@ fp32 weights and fp32 AdamW. Both see *the same prompts in the same order*: the 
 problems creditlab's trainer draws at each step, and TRL's shuffling is off. Reward = the task's scorer on the
 completion text (1 if correct else 0). Prompts go through the same chat template (checked token for token).
 
-Differences that are the point of the comparison (creditlab's defaults for speed):
+Differences that are the point of the comparison (creditlab's defaults for speed and memory):
 - creditlab runs each group's shared prompt through the model once, in the sampler's prefill and in the update's
   forward/backward (its KV cache is indexed out to the G responses; exact up to float reassociation);
-- creditlab samples under bf16 autocast (`--no-bf16` turns it off) with its own KV-cached sampler, and runs the
-  update's forward/backward under bf16 autocast (`--no-update-bf16` turns it off); master weights and AdamW
-  state stay fp32 in both;
-- TRL generates with `model.generate` and trains in fp32. TRL's GRPOConfig defaults `gradient_checkpointing=True`
-  and `bf16=True`; both are set to False here (the reference number for TRL is fp32) and can be restored with
-  `--trl-gradient-checkpointing` / `--trl-bf16`.
+- creditlab computes log-probs with a chunked LM head over the valid tokens only (no [B, T, V] logits);
+- creditlab samples with its own KV-cached sampler; TRL generates with `model.generate`.
+TRL's GRPOConfig defaults `gradient_checkpointing=True`; it is set to False here (neither side recomputes
+activations) and can be restored with `--trl-gradient-checkpointing`. `--bf16/--no-bf16`, `--update-bf16/
+--no-update-bf16` and `--trl-bf16` set a custom mix instead of the pairs.
 
 Timing: creditlab's step time is its own `time/step` (rollout + scoring + credit + update; logging, evaluation and
 checkpoints excluded). TRL's step time is wall time from `on_step_begin` to `on_step_end` (data fetch, generation,
@@ -65,6 +70,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 import creditlab.train.loop as loop
+from creditlab.bench.memory import PeakMemory
+from creditlab.device import describe, device_info, native_bf16, resolve_device
 from creditlab.policy import Policy, load_policy
 from creditlab.tasks import Problem, get_task
 from creditlab.train.config import (
@@ -95,6 +102,19 @@ FULL = Sizes(policy="smollm2", prompts=8, group=4, max_new_tokens=40, eval_probl
 TINY = Sizes(policy="tiny", prompts=2, group=2, max_new_tokens=8, eval_problems=4, train_pool=64)
 
 
+@dataclass(frozen=True)
+class Pair:
+    """One comparison's precision: creditlab's sampling and update autocast, TRL's `bf16`."""
+
+    name: str
+    bf16: bool
+    update_bf16: bool
+    trl_bf16: bool
+
+
+PAIRS = {"fp32": Pair("fp32", False, False, False), "bf16": Pair("bf16", True, True, True)}
+
+
 @dataclass
 class Result:
     framework: str
@@ -107,6 +127,8 @@ class Result:
     final_accuracy: float = float("nan")
     initial_accuracy: float | None = None
     wall_s: float = 0.0  # the whole train call: setup, evaluation, checkpoints included
+    peak_mb: list[float] = field(default_factory=list)  # per step: peak resident memory (MiB)
+    delta_mb: list[float] = field(default_factory=list)  # per step: peak minus resident memory at the step's start
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -119,7 +141,9 @@ class Result:
         d.update(samples_per_s=self.samples_per_s,
                  step_s_mean=statistics.fmean(self.step_s) if self.step_s else float("nan"),
                  step_s_median=statistics.median(self.step_s) if self.step_s else float("nan"),
-                 rollout_s_mean=statistics.fmean(self.rollout_s) if self.rollout_s else float("nan"))
+                 rollout_s_mean=statistics.fmean(self.rollout_s) if self.rollout_s else float("nan"),
+                 peak_mb_max=max(self.peak_mb, default=float("nan")),
+                 delta_mb_max=max(self.delta_mb, default=float("nan")))
         return d
 
 
@@ -128,16 +152,16 @@ def load(sizes: Sizes, seed: int) -> Policy:
     return load_policy(sizes.policy, seed=seed)
 
 
-def train_config(args: argparse.Namespace, sizes: Sizes, *, steps: int, out_dir: Path,
+def train_config(args: argparse.Namespace, sizes: Sizes, pair: Pair, *, steps: int, out_dir: Path,
                  eval_problems: int) -> TrainConfig:
     return TrainConfig(
         run=RunConfig(task=TASK, task_kwargs=json.dumps(TASK_KWARGS), policy=sizes.policy, estimator="grpo",
                       estimator_kwargs=json.dumps({"eps": GRPO_EPS}), out_dir=str(out_dir), seed=args.seed,
-                      steps=steps, train_pool=sizes.train_pool),
+                      steps=steps, train_pool=sizes.train_pool, device=args.device),
         rollout=RolloutConfig(prompts_per_step=sizes.prompts, group_size=sizes.group, temperature=args.temperature,
-                              top_p=1.0, max_new_tokens=sizes.max_new_tokens, bf16=args.bf16),
+                              top_p=1.0, max_new_tokens=sizes.max_new_tokens, bf16=pair.bf16),
         optim=OptimConfig(lr=args.lr, weight_decay=0.0, ppo_epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28,
-                          loss_agg="token-mean", kl_coef=0.0, max_grad_norm=1.0, update_bf16=args.update_bf16),
+                          loss_agg="token-mean", kl_coef=0.0, max_grad_norm=1.0, update_bf16=pair.update_bf16),
         eval=EvalConfig(eval_every=10**9, eval_problems=eval_problems),  # only at the start and the end
         log=LogConfig(checkpoint_every=10**9, tensorboard=False, progress=False, sample_every=0),
     )
@@ -155,8 +179,20 @@ def step_problems(cfg: TrainConfig, pool: list[Problem], steps: int) -> list[lis
 
 # ---------------------------------------------------------------------------------------------------- creditlab
 def run_creditlab(cfg: TrainConfig) -> Result:
+    original, memory = loop.rl_step, []
+
+    def measured(*a: Any, **k: Any) -> Any:  # each step's peak memory, measured as TRL's steps are
+        with PeakMemory(cfg.run.device if cfg.run.device != "auto" else resolve_device()) as m:
+            out = original(*a, **k)
+        memory.append(m)
+        return out
+
+    loop.rl_step = measured
     t0 = time.perf_counter()
-    summary = loop.train(cfg)
+    try:
+        summary = loop.train(cfg)
+    finally:
+        loop.rl_step = original
     wall = time.perf_counter() - t0
     rows = [json.loads(r) for r in (Path(cfg.run.out_dir) / "metrics.jsonl").read_text().splitlines() if r]
     steps = [r for r in rows if r["step"] > 0]
@@ -164,6 +200,7 @@ def run_creditlab(cfg: TrainConfig) -> Result:
                   step_s=[r["time/step"] for r in steps], rollout_s=[r["time/rollout"] for r in steps],
                   update_s=[r["time/update"] for r in steps], reward_mean=[r["reward/mean"] for r in steps],
                   final_accuracy=summary["final_accuracy"], initial_accuracy=summary["initial_accuracy"], wall_s=wall,
+                  peak_mb=[m.peak_mb for m in memory], delta_mb=[m.delta_mb for m in memory],
                   notes={"sampling": "bf16 autocast, fp32 master weights" if cfg.rollout.bf16 else "fp32",
                          "update": "bf16 autocast, fp32 master weights and AdamW" if cfg.optim.update_bf16 else "fp32",
                          "prompt_sharing": "one prompt forward per group in prefill and update"})
@@ -178,22 +215,27 @@ def trl_prompt(policy: Policy, text: str) -> Any:
     return policy.format_prompt(text)
 
 
-def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, policy: Policy, task: Any, problems: list[Problem],
-                     out_dir: Path) -> Any:
+def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy: Policy, task: Any,
+                     problems: list[Problem], out_dir: Path) -> Any:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     class StepTimer(TrainerCallback):
+        """Wall time and peak memory of each step (on_step_begin .. on_step_end)."""
+
         def __init__(self) -> None:
             self.step_s: list[float] = []
+            self.memory: list[PeakMemory] = []
             self._t0 = 0.0
 
         def on_step_begin(self, *a: Any, **k: Any) -> None:
+            self.memory.append(PeakMemory(resolve_device(args.device)).__enter__())
             self._t0 = time.perf_counter()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             self.step_s.append(time.perf_counter() - self._t0)
+            self.memory[-1].__exit__(None, None, None)
 
     class TimedGRPOTrainer(GRPOTrainer):
         """GRPOTrainer that records how long each generation (`_generate`: sampling + decode) takes."""
@@ -214,13 +256,13 @@ def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, policy: Policy, tas
     dataset = Dataset.from_dict({"prompt": [trl_prompt(policy, p.prompt) for p in problems],
                                  "row": list(range(len(problems)))})
     config = GRPOConfig(
-        output_dir=str(out_dir), use_cpu=True, seed=args.seed,
+        output_dir=str(out_dir), use_cpu=resolve_device(args.device).type == "cpu", seed=args.seed,
         per_device_train_batch_size=sizes.prompts * sizes.group, num_generations=sizes.group,
         gradient_accumulation_steps=1, num_iterations=1, max_steps=len(problems) // sizes.prompts,
         max_completion_length=sizes.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", scale_rewards="group",
-        shuffle_dataset=False, bf16=args.trl_bf16, fp16=False, gradient_checkpointing=args.trl_gradient_checkpointing,
+        shuffle_dataset=False, bf16=pair.trl_bf16, fp16=False, gradient_checkpointing=args.trl_gradient_checkpointing,
         logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, log_completions=False,
     )
@@ -232,10 +274,10 @@ def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, policy: Policy, tas
     return trainer
 
 
-def run_trl(args: argparse.Namespace, sizes: Sizes, policy: Policy, task: Any, problems: list[Problem],
+def run_trl(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy: Policy, task: Any, problems: list[Problem],
             out_dir: Path) -> tuple[Result, Any]:
     t0 = time.perf_counter()
-    trainer = make_trl_trainer(args, sizes, policy, task, problems, out_dir)
+    trainer = make_trl_trainer(args, sizes, pair, policy, task, problems, out_dir)
     trainer.train()
     wall = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "reward" in h]
@@ -243,8 +285,11 @@ def run_trl(args: argparse.Namespace, sizes: Sizes, policy: Policy, task: Any, p
     result = Result(framework="trl", steps=steps, samples=steps * sizes.prompts * sizes.group,
                     step_s=list(trainer.step_timer.step_s), rollout_s=list(trainer.rollout_s),
                     reward_mean=[float(h["reward"]) for h in logs], wall_s=wall,
+                    peak_mb=[m.peak_mb for m in trainer.step_timer.memory],
+                    delta_mb=[m.delta_mb for m in trainer.step_timer.memory],
                     notes={"optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
-                           "generation": "transformers generate, " + ("bf16 autocast" if args.trl_bf16 else "fp32"),
+                           "generation": "transformers generate, " + ("bf16 autocast" if pair.trl_bf16 else "fp32"),
+                           "training": "bf16 mixed precision" if pair.trl_bf16 else "fp32",
                            "gradient_checkpointing": _checkpointing(trainer.model)})
     return result, trainer
 
@@ -259,7 +304,7 @@ def _checkpointing(model: Any) -> bool:
 def check_prompt_format(args: argparse.Namespace, sizes: Sizes, policy: Policy, task: Any,
                         problems: list[Problem], out_dir: Path) -> dict[str, Any]:
     """Do TRL and creditlab feed the model the same prompt tokens? (TRL tokenizes with its own code path.)"""
-    trainer = make_trl_trainer(args, sizes, policy, task, problems[:sizes.prompts], out_dir)
+    trainer = make_trl_trainer(args, sizes, PAIRS["fp32"], policy, task, problems[:sizes.prompts], out_dir)
     texts = [p.prompt for p in problems[:sizes.prompts]]
     theirs, _, _ = trainer._tokenize_prompts([trl_prompt(policy, t) for t in texts])
     ids, mask = policy.encode_prompts([policy.format_prompt(t) for t in texts])
@@ -306,45 +351,52 @@ def profile_creditlab_step(cfg: TrainConfig, mode: str, top: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def markdown(cl: Result, tr: Result, ratio: float, meta: dict[str, Any]) -> str:
+def markdown(cl: Result, tr: Result, ratio: float, meta: dict[str, Any], pair: Pair) -> str:
     def row(r: Result) -> str:
         s = r.summary()
         init = f"{r.initial_accuracy:.3f} → " if r.initial_accuracy is not None else ""
         upd = f"{statistics.fmean(r.update_s):.2f}" if r.update_s else "—"
         return (f"| {r.framework} | {s['samples_per_s']:.2f} | {s['step_s_mean']:.2f} | {s['rollout_s_mean']:.2f} | "
-                f"{upd} | {init}{r.final_accuracy:.3f} |")
+                f"{upd} | {s['peak_mb_max']:.0f} | {s['delta_mb_max']:.0f} | {init}{r.final_accuracy:.3f} |")
 
+    peak_ratio = cl.summary()["peak_mb_max"] / tr.summary()["peak_mb_max"]
     lines = [
-        f"{meta['policy']} on one-digit `{TASK}`, {meta['prompts']} prompts × {meta['group']} samples × "
-        f"{meta['max_new_tokens']} new tokens, lr {meta['lr']:g}, {meta['steps']} steps, seed {meta['seed']}, "
-        f"{meta['threads']} torch threads, {meta['eval_problems']} held-out problems (greedy).",
+        f"**{pair.name}** — {meta['policy']} on one-digit `{TASK}`, {meta['prompts']} prompts × {meta['group']} "
+        f"samples × {meta['max_new_tokens']} new tokens, lr {meta['lr']:g}, {meta['steps']} steps, seed "
+        f"{meta['seed']}, {meta['threads']} torch threads, {meta['eval_problems']} held-out problems (greedy); "
+        f"{meta['where']}.",
         f"creditlab: sampling {cl.notes.get('sampling', '?')}; update {cl.notes.get('update', '?')}; "
-        f"{cl.notes.get('prompt_sharing', '')}. TRL: {tr.notes.get('generation', '?')}; "
-        f"training {'bf16 mixed precision' if meta.get('trl_bf16') else 'fp32'}.",
+        f"{cl.notes.get('prompt_sharing', '')}. TRL: {tr.notes.get('generation', '?')}; training "
+        f"{tr.notes.get('training', '?')}.",
         "",
-        "| framework | samples/s | s/step | rollout s/step | update s/step | held-out accuracy |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| framework | samples/s | s/step | rollout s/step | update s/step | peak RSS MiB | step Δ MiB | held-out "
+        "accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         row(cl),
         row(tr),
         "",
-        f"creditlab / TRL samples/s: **{ratio:.2f}×**; accuracy creditlab {cl.final_accuracy:.3f} vs TRL "
-        f"{tr.final_accuracy:.3f}.",
+        f"creditlab / TRL samples/s: **{ratio:.2f}×**; peak memory per step {peak_ratio:.2f}× TRL's; accuracy "
+        f"creditlab {cl.final_accuracy:.3f} vs TRL {tr.final_accuracy:.3f}.",
     ]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--steps", type=int, default=10, help="timed training steps of each framework")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (both)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="creditlab samples under bf16 autocast (fp32 master weights)")
-    p.add_argument("--update-bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="creditlab's update forward/backward under bf16 autocast (fp32 master weights, fp32 AdamW)")
-    p.add_argument("--trl-bf16", action="store_true", help="TRL's GRPOConfig default bf16=True (mixed precision)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default=None,
+                   help="which equal-precision pairs to run (default: both where the device has native bf16, "
+                        "else fp32)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda[:N] (both frameworks)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="custom mix: creditlab samples under bf16 autocast (instead of --precision's pairs)")
+    p.add_argument("--update-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="custom mix: creditlab's update under bf16 autocast (fp32 master weights, fp32 AdamW)")
+    p.add_argument("--trl-bf16", action="store_true", help="custom mix: TRL's bf16=True (mixed precision)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="TRL's GRPOConfig default gradient_checkpointing=True")
     p.add_argument("--eval-problems", type=int, default=None, help="held-out problems (default 128; tiny: 4)")
@@ -359,13 +411,69 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=None, help="run directories (default: a temporary directory, "
                                                                "removed at the end)")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
+
+
+def pairs_from_args(args: argparse.Namespace) -> list[Pair]:
+    """The precision pairs to run: a custom mix when --bf16/--update-bf16/--trl-bf16 is given, else --precision."""
+    if args.bf16 is not None or args.update_bf16 is not None or args.trl_bf16:
+        return [Pair("custom", bool(args.bf16), bool(args.update_bf16), args.trl_bf16)]
+    choice = args.precision or ("both" if native_bf16(resolve_device(args.device)) else "fp32")
+    return [PAIRS["fp32"], PAIRS["bf16"]] if choice == "both" else [PAIRS[choice]]
+
+
+def run_pair(args: argparse.Namespace, sizes: Sizes, pair: Pair, work: Path, eval_problems: int,
+             log: Any) -> tuple[Result, Result, dict[str, Any]]:
+    """Warm-up, creditlab, TRL and TRL's evaluation for one precision pair; (creditlab, TRL, prompt check)."""
+    task = get_task(TASK, **TASK_KWARGS)
+    cfg = train_config(args, sizes, pair, steps=args.steps, out_dir=work / "creditlab", eval_problems=eval_problems)
+    pool = task.problems("train", cfg.run.train_pool, cfg.run.seed)
+    trl_problems = [q for step in step_problems(cfg, pool, args.steps) for q in step]
+    held_out = task.problems("test", eval_problems, cfg.run.seed)  # what train(cfg) evaluates on
+    device = resolve_device(args.device)
+    policy = load_policy(sizes.policy, seed=args.seed, device=device)
+    prompt_check = check_prompt_format(args, sizes, policy, task, trl_problems, work / "check-trl")
+    log(f"[{pair.name}] prompt tokens identical in TRL and creditlab: {prompt_check['match']}")
+    if args.warmup:
+        log(f"[{pair.name}] warm-up: {args.warmup} untimed step(s) of each (throwaway copies of the policy)")
+        warm = train_config(args, sizes, pair, steps=args.warmup, out_dir=work / "warm-creditlab", eval_problems=0)
+        loop.train(warm)
+        shutil.rmtree(work / "warm-creditlab", ignore_errors=True)
+        warm_problems = [q for step in step_problems(cfg, pool, args.warmup) for q in step]
+        warm_trl, trainer = run_trl(args, sizes, pair, policy, task, warm_problems, work / "warm-trl")
+        del trainer
+        log(f"[{pair.name}] warm-up done: TRL {warm_trl.step_s[0]:.1f} s/step")
+    del policy
+    gc.collect()
+    log(f"[{pair.name}] creditlab: train(cfg) for {args.steps} steps")
+    cl = run_creditlab(cfg)
+    log(f"[{pair.name}] creditlab: {cl.samples_per_s:.2f} samples/s, accuracy {cl.initial_accuracy:.3f} -> "
+        f"{cl.final_accuracy:.3f}")
+    shutil.rmtree(work / "creditlab", ignore_errors=True)  # checkpoints ~2 GB; the numbers are in `cl`
+    gc.collect()
+    log(f"[{pair.name}] TRL: GRPOTrainer.train() for {args.steps} steps")
+    policy = load_policy(sizes.policy, seed=args.seed, device=device)  # the same initial weights
+    tr, trainer = run_trl(args, sizes, pair, policy, task, trl_problems, work / "trl")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    tr.final_accuracy = loop.evaluate(Policy(model=model, tokenizer=policy.tokenizer, name="trl"), task, held_out,
+                                      max_new_tokens=sizes.max_new_tokens)
+    tr.initial_accuracy = cl.initial_accuracy  # same initial policy, same held-out problems
+    log(f"[{pair.name}] TRL: {tr.samples_per_s:.2f} samples/s, accuracy {tr.final_accuracy:.3f}")
+    del trainer, model, policy
+    shutil.rmtree(work / "trl", ignore_errors=True)
+    gc.collect()
+    return cl, tr, prompt_check
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         import trl
     except ImportError:
         print("vs_trl needs TRL: run it with .venv-trl/bin/python (make .venv-trl/.installed)", file=sys.stderr)
         return 2
-    if args.steps < 1:
-        p.error("--steps must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = TINY if args.tiny else FULL
@@ -373,87 +481,54 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="creditlab-vs-trl-"))
     work.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[vs_trl {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-
+    device = resolve_device(args.device)
+    meta = {"policy": sizes.policy, "task": TASK, "task_kwargs": TASK_KWARGS, "prompts": sizes.prompts,
+            "group": sizes.group, "max_new_tokens": sizes.max_new_tokens, "lr": args.lr, "steps": args.steps,
+            "seed": args.seed, "temperature": args.temperature,
+            "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+            "eval_problems": eval_problems, "warmup_steps": args.warmup, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "trl": trl.__version__,
+            "transformers": __import__("transformers").__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "where": describe(device), "environment": device_info(device)}
+    report: dict[str, Any] = {"meta": meta, "pairs": {}}
+    tables, profile_text = [], None
     try:
-        task = get_task(TASK, **TASK_KWARGS)
-        cfg = train_config(args, sizes, steps=args.steps, out_dir=work / "creditlab", eval_problems=eval_problems)
-        pool = task.problems("train", cfg.run.train_pool, cfg.run.seed)
-        per_step = step_problems(cfg, pool, args.steps)
-        trl_problems = [q for step in per_step for q in step]
-        held_out = task.problems("test", eval_problems, cfg.run.seed)  # what train(cfg) evaluates on
-
-        policy = load(sizes, args.seed)
-        prompt_check = check_prompt_format(args, sizes, policy, task, trl_problems, work / "check-trl")
-        log(f"prompt tokens identical in TRL and creditlab: {prompt_check['match']} "
-            f"(chat template: {prompt_check['chat_template']})")
-
-        if args.warmup:
-            log(f"warm-up: {args.warmup} untimed step(s) of each (throwaway copies of the policy)")
-            warm = train_config(args, sizes, steps=args.warmup, out_dir=work / "warm-creditlab", eval_problems=0)
-            loop.train(warm)
-            shutil.rmtree(work / "warm-creditlab", ignore_errors=True)
-            warm_problems = [q for step in step_problems(cfg, pool, args.warmup) for q in step]
-            warm_trl, trainer = run_trl(args, sizes, policy, task, warm_problems, work / "warm-trl")
-            del trainer
-            log(f"warm-up done: TRL {warm_trl.step_s[0]:.1f} s/step")
-        del policy
-        gc.collect()
-
-        log(f"creditlab: train(cfg) for {args.steps} steps")
-        cl = run_creditlab(cfg)
-        log(f"creditlab: {cl.samples_per_s:.2f} samples/s, accuracy {cl.initial_accuracy:.3f} -> "
-            f"{cl.final_accuracy:.3f}")
-        for big in [*(work / "creditlab").glob("ckpt-*"), work / "creditlab" / "policy"]:  # ~2 GB; metrics stay
-            shutil.rmtree(big, ignore_errors=True)
-        gc.collect()
-
-        log(f"TRL: GRPOTrainer.train() for {args.steps} steps")
-        policy = load(sizes, args.seed)  # the same initial weights
-        tr, trainer = run_trl(args, sizes, policy, task, trl_problems, work / "trl")
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        tr.final_accuracy = loop.evaluate(Policy(model=model, tokenizer=policy.tokenizer, name="trl"), task, held_out,
-                                          max_new_tokens=sizes.max_new_tokens)
-        tr.initial_accuracy = cl.initial_accuracy  # same initial policy, same held-out problems
-        log(f"TRL: {tr.samples_per_s:.2f} samples/s, accuracy {tr.final_accuracy:.3f}")
-        del trainer, model, policy
-        gc.collect()
-
-        profile_text = None
+        for pair in pairs_from_args(args):
+            cl, tr, prompt_check = run_pair(args, sizes, pair, work / pair.name, eval_problems, log)
+            ratio = cl.samples_per_s / tr.samples_per_s
+            table = markdown(cl, tr, ratio, meta, pair)
+            tables.append(table)
+            report["pairs"][pair.name] = {"precision": asdict(pair), "creditlab": cl.summary(), "trl": tr.summary(),
+                                          "ratio_samples_per_s": ratio, "prompt_format": prompt_check,
+                                          "peak_mb_ratio": cl.summary()["peak_mb_max"] / tr.summary()["peak_mb_max"],
+                                          "target": {"speed_ratio_min": 2.0, "speed_ok": ratio >= 2.0,
+                                                     "accuracy_ok": cl.final_accuracy >= tr.final_accuracy},
+                                          "markdown": table}
+            print(table + "\n", flush=True)
         if args.profile:
             log(f"profiling one creditlab step ({args.profile})")
-            prof_cfg = train_config(args, sizes, steps=2, out_dir=work / "profile", eval_problems=0)
+            first = pairs_from_args(args)[0]
+            prof_cfg = train_config(args, sizes, first, steps=2, out_dir=work / "profile", eval_problems=0)
             profile_text = profile_creditlab_step(prof_cfg, args.profile, args.profile_top)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-
-    ratio = cl.samples_per_s / tr.samples_per_s
-    meta = {"policy": sizes.policy, "task": TASK, "task_kwargs": TASK_KWARGS, "prompts": sizes.prompts,
-            "group": sizes.group, "max_new_tokens": sizes.max_new_tokens, "lr": args.lr, "steps": args.steps,
-            "seed": args.seed, "temperature": args.temperature, "creditlab_bf16_sampling": args.bf16,
-            "creditlab_bf16_update": args.update_bf16,
-            "trl_bf16": args.trl_bf16, "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
-            "eval_problems": eval_problems, "warmup_steps": args.warmup, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "trl": trl.__version__,
-            "transformers": __import__("transformers").__version__, "python": platform.python_version(),
-            "machine": platform.machine()}
-    target = {"speed_ratio_min": 1.5, "speed_ok": ratio >= 1.5,
-              "accuracy_ok": cl.final_accuracy >= tr.final_accuracy}
-    target["met"] = target["speed_ok"] and target["accuracy_ok"]
-    table = markdown(cl, tr, ratio, meta)
-    report = {"meta": meta, "prompt_format": prompt_check, "creditlab": cl.summary(), "trl": tr.summary(),
-              "ratio_samples_per_s": ratio, "target": target, "markdown": table}
+    first = next(iter(report["pairs"].values()))  # the first pair also at the top level (older readers)
+    report.update({k: first[k] for k in ("creditlab", "trl", "ratio_samples_per_s", "prompt_format", "target")})
+    report["markdown"] = "\n\n".join(tables)
     if profile_text is not None:
         report["profile"] = profile_text
         print(f"\n## creditlab step profile ({args.profile})\n{profile_text}")
-    print(table)
-    print(f"target (>= 1.5x samples/s at equal or better accuracy): {'met' if target['met'] else 'NOT met'}")
-    if not prompt_check["match"]:
-        print("WARNING: TRL and creditlab tokenized the prompts differently", file=sys.stderr)
+    for name, r in report["pairs"].items():
+        met = r["target"]["speed_ok"] and r["target"]["accuracy_ok"]
+        print(f"[{name}] target (>= 2x samples/s at equal precision and equal or better accuracy): "
+              f"{'met' if met else 'NOT met'} ({r['ratio_samples_per_s']:.2f}x)")
+        if not r["prompt_format"]["match"]:
+            print("WARNING: TRL and creditlab tokenized the prompts differently", file=sys.stderr)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, default=_json_default))
-        args.out.with_suffix(".md").write_text(table + "\n")
+        args.out.with_suffix(".md").write_text(report["markdown"] + "\n")
         print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 

@@ -21,9 +21,9 @@ from trl import GRPOConfig
 from creditlab.integrations.trl import CreditGRPOTrainer
 
 
-def tiny_policy():
+def tiny_policy(extra_words: list[str] | None = None):
     """A 2-layer Llama and a word-level tokenizer, built locally (nothing is downloaded)."""
-    words = ["a", "b", "c", "d", "e", "f", "add", "sub", "="]
+    words = ["a", "b", "c", "d", "e", "f", "add", "sub", "=", *(extra_words or [])]
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -8,7 +8,12 @@
 # - trainer.v1.trainer_mode=creditlab_sync is the trainer hook: verl's synchronous v1 trainer, plus the response
 #   token ids (and values/old_log_probs/... when the estimator needs them) handed to the estimator. Estimators that
 #   only need rewards and groups (grpo, rloo, dr_grpo, reinforce_pp, ...) work with the stock trainer_mode=sync.
-# - +algorithm.creditlab_kwargs={...} passes hyperparameters to the estimator.
+# - +algorithm.creditlab_kwargs={...} passes hyperparameters to the estimator (checked when the creditlab_sync
+#   trainer starts, with every field the estimator needs).
+# - process-reward estimators (creditlab_sum_form, creditlab_pure, creditlab_capo, creditlab_tp_grpo): have the
+#   reward function return {"score": R, "step_rewards": [one per step]} and add
+#   +algorithm.creditlab_steps='{split: newline, rewards_key: step_rewards}' (docs/integrations.md).
+# - try the whole path on a CPU first: tests/integrations/verl_cpu/run_verl_step.py (docs/integrations.md).
 # - verl swallows plugin import errors; check the plugin with:
 #     python -c "import verl, creditlab.integrations.verl as p; p.check(raise_on_error=True)"
 set -euo pipefail

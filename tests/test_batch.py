@@ -49,6 +49,18 @@ CASES = {
     "strata B mismatch": (lambda b: b.replace(strata=torch.zeros(B_T[0] + 2, dtype=torch.long)), "strata"),
     "step_rewards S mismatch with mc_values": (
         lambda b: b.replace(mc_values=torch.zeros(B_T[0], b.step_rewards.shape[1] + 1)), "mc_values"),
+    # issue 12: ids are vocabulary indices (ktae gave silently wrong credit for negative ids) ...
+    "ids negative": (lambda b: b.replace(response_ids=torch.where(b.response_mask, -3, b.response_ids)),
+                     "response_ids"),
+    "ids >= 2^31": (lambda b: b.replace(response_ids=torch.where(b.response_mask, 2**31, b.response_ids)),
+                    "response_ids"),
+    "step_ids >= 2^31": (lambda b: b.replace(step_ids=torch.where(b.response_mask, 2**31, -1), step_rewards=None,
+                                             step_labels=None, mc_values=None), "step_ids"),
+    # ... and float fields must fit what float32 credit can hold (rewards of 3e38 used to overflow the output)
+    "rewards 3e38": (lambda b: b.replace(rewards=torch.full_like(b.rewards, 3e38)), "rewards"),
+    "rewards 1e200 float64": (lambda b: b.replace(rewards=torch.full(b.rewards.shape, 1e200, dtype=torch.float64)),
+                              "rewards"),
+    "values -2e15": (lambda b: b.replace(values=b.values - 2e15), "values"),
 }
 
 
@@ -84,3 +96,28 @@ def test_every_field_is_documented_once():
     for name, spec in FIELDS.items():
         assert f"`{name}`" in table and spec.doc and spec.producer
     assert set(FIELDS) <= set(RolloutBatch.__dataclass_fields__)
+
+
+def test_ids_outside_the_mask_may_hold_anything():
+    # padding is never read: -100 (a common label pad) outside response_mask is fine
+    b = good()
+    b.replace(response_ids=torch.where(b.response_mask, b.response_ids, -100)).validate()
+
+
+def test_magnitude_limit_is_inclusive():
+    from creditlab.batch import MAX_ABS
+
+    b = good()
+    b.replace(rewards=torch.full_like(b.rewards, -MAX_ABS)).validate()
+    with pytest.raises(ValueError, match=r"RolloutBatch\.rewards has \|value\| up to 1\.1e\+15"):
+        b.replace(rewards=torch.full(b.rewards.shape, MAX_ABS * 1.1, dtype=torch.float64)).validate()
+
+
+def test_zero_token_columns_validate_with_and_without_steps():
+    # issue 12, item 9: T = 0 used to crash inside validate() when step_ids was present
+    b = good()
+    cut = {n: getattr(b, n)[:, :0] for n, spec in FIELDS.items()
+           if spec.shape == ("B", "T") and getattr(b, n) is not None}
+    empty = b.replace(**cut)
+    assert empty.validate().T == 0 and empty.step_ids is not None
+    assert empty.replace(step_ids=None, step_rewards=None, step_labels=None, mc_values=None).validate().T == 0

@@ -75,3 +75,85 @@ def test_estimators_run_without_grad():
     b = random_batch(seed=0)
     b = b.replace(rewards=b.rewards.clone().requires_grad_(True))
     assert not get_estimator("grpo")(b).advantages.requires_grad
+
+
+# ---------------------------------------------------------------- hyper-parameter checks (issue 12, item 8)
+def test_interval_notation():
+    from creditlab.registry import Interval
+
+    iv = Interval.parse("[0, 1)")
+    assert 0.0 in iv and 0.999 in iv and 1.0 not in iv and -1e-9 not in iv and str(iv) == "[0, 1)"
+    iv = Interval.parse("(-inf, inf)")
+    assert -1e300 in iv and 1e300 in iv and str(iv) == "(-inf, inf)"
+    assert 0.0 not in Interval.parse("(0, inf)")
+    for bad in ("0, 1", "[1, 0]", "[a, 1)", "(nan, 1)"):
+        with pytest.raises(ValueError, match="range"):
+            Interval.parse(bad)
+
+
+def test_declared_ranges_and_annotations_are_checked_at_call_time(scratch_names):
+    scratch_names.append("scratch_params")
+    from typing import Literal
+
+    @estimator("scratch_params", ranges={"scale": "(0, 10]", "k": "[1, inf)", "ids": "[0, inf)"})
+    def _params(batch: RolloutBatch, *, scale: float = 1.0, k: int = 2, flag: bool = False,
+                mode: Literal["a", "b"] = "a", ids: tuple[int, ...] = (), cap: int | None = None) -> Credit:
+        return Credit(advantages=torch.zeros(batch.response_ids.shape))
+
+    b = random_batch(seed=0)
+    _params(b, scale=10, k=3, flag=True, mode="b", ids=[0, 5], cap=None)  # all fine (int for float, list for tuple)
+    cases = [({"scale": 0.0}, r"'scale' must be a finite real number in \(0, 10\], got 0.0 \(float\)"),
+             ({"scale": float("nan")}, "'scale'"), ({"scale": "1"}, "'scale'"), ({"scale": True}, "'scale'"),
+             ({"k": 0}, r"'k' must be an int32 integer in \[1, inf\)"), ({"k": 2.0}, "'k'"),
+             ({"flag": "true"}, r"'flag' must be a bool \(True or False\), got 'true' \(str\)"),
+             ({"flag": 1}, "'flag'"),
+             ({"mode": "c"}, r"'mode' must be one of \['a', 'b'\], got 'c'"), ({"ids": (-1,)}, r"each in \[0, inf\)"),
+             ({"cap": 1.5}, "'cap' must be an int32 integer or None"), ({"nope": 1}, "has no hyper-parameter 'nope'")]
+    for kwargs, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            _params(b, **kwargs)
+
+
+def test_bad_declarations_fail_at_registration(scratch_names):
+    scratch_names += ["scratch_decl_a", "scratch_decl_b", "scratch_decl_c"]
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        estimator("scratch_decl_a", ranges={"typo": "[0, 1]"})(lambda batch, *, eps=1.0: None)
+    with pytest.raises(ValueError, match="'eps' must be"):  # the default breaks its own range
+
+        @estimator("scratch_decl_b", ranges={"eps": "(0, 1)"})
+        def _b(batch: RolloutBatch, *, eps: float = 2.0) -> Credit: ...
+    with pytest.raises(ValueError, match="not numeric"):
+
+        @estimator("scratch_decl_c", ranges={"flag": "[0, 1]"})
+        def _c(batch: RolloutBatch, *, flag: bool = False) -> Credit: ...
+
+
+def test_overflow_from_large_values_names_them_instead_of_blaming_the_registry(scratch_names):
+    scratch_names.append("scratch_scale")
+
+    @estimator("scratch_scale", ranges={"scale": "[0, inf)"})
+    def _scale(batch: RolloutBatch, *, scale: float = 1.0) -> Credit:
+        adv = (batch.rewards.double()[:, None] * scale).float().expand(batch.response_ids.shape)
+        return Credit(advantages=torch.where(batch.response_mask, adv, 0.0))
+
+    b = random_batch(seed=1, binary_rewards=False)
+    with pytest.raises(ValueError, match=r"float32 overflow.*hyper-parameter scale with \|x\| = 1e\+300"):
+        _scale(b, scale=1e300)
+    big = b.replace(rewards=b.rewards / b.rewards.abs().max() * 1e15)
+    with pytest.raises(ValueError, match=r"float32 overflow.*RolloutBatch\.rewards with \|x\| = 1e\+15"):
+        _scale(big, scale=1e24)
+
+
+def test_zero_token_columns_return_an_empty_result_without_calling_the_math(scratch_names):
+    scratch_names.append("scratch_boom")
+
+    @estimator("scratch_boom")
+    def _boom(batch: RolloutBatch) -> Credit:
+        raise AssertionError("the math must not run on T = 0")
+
+    b = random_batch(seed=0)
+    empty = b.replace(response_ids=b.response_ids[:, :0], response_mask=b.response_mask[:, :0],
+                      **{f: getattr(b, f)[:, :0] for f in ("logprobs", "ref_logprobs", "entropies", "certainty",
+                                                           "token_logits", "values", "token_rewards", "step_ids",
+                                                           "planning_mask", "prm_logprobs")})
+    assert _boom(empty).advantages.shape == (b.B, 0)

@@ -12,6 +12,13 @@ and the registry checks them before the call.
 Padding convention: positions outside `response_mask` (and step columns beyond a row's last step) may hold
 any *finite* value (producers write 0); estimators never read them. `validate()` rejects NaN/inf anywhere in
 float fields because a NaN in padding is almost always a bug upstream that would surface later.
+
+Magnitudes: float fields must stay within |x| <= MAX_ABS (1e15). Estimators compute in float64 and return float32
+(largest 3.4e38); they sum fields over up to T tokens and scale them by coefficients, so an input near the float32
+limit (rewards of 3e38, float64 rewards of 1e200) would overflow the output. Token and step ids inside the
+response are non-negative and below MAX_ID (2^31; vocabulary indices and step numbers never come near it).
+A batch may have T = 0 token columns (every response empty): it validates, and every estimator returns
+advantages of shape [B, 0].
 """
 
 from __future__ import annotations
@@ -103,6 +110,8 @@ FIELDS: dict[str, FieldSpec] = {
 }
 
 REQUIRED = ("response_ids", "response_mask", "group_ids", "rewards")
+MAX_ABS = 1e15  # largest |value| accepted in a float field (see the module docstring)
+MAX_ID = 2**31  # token ids and step ids inside the response lie in [0, MAX_ID)
 _DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "long": (torch.int64,),
     "bool": (torch.bool,),
@@ -204,17 +213,13 @@ class RolloutBatch:
 
     def _check_relations(self) -> None:
         mask = self.response_mask
+        ids = self.response_ids[mask]  # token ids are only read inside the response
+        if ids.numel() and bool(((ids < 0) | (ids >= MAX_ID)).any()):
+            bad = int(ids[(ids < 0) | (ids >= MAX_ID)][0])
+            raise ValueError(f"RolloutBatch.response_ids must be vocabulary indices in [0, 2^31) inside "
+                             f"response_mask, got {bad}")
         if self.step_ids is not None:
-            outside = (~mask) & (self.step_ids != -1)
-            if bool(outside.any()):
-                raise ValueError("RolloutBatch.step_ids must be -1 outside response_mask")
-            if bool((self.step_ids < -1).any()):
-                raise ValueError("RolloutBatch.step_ids must be >= -1 (-1 means 'no step')")
-            for name in ("step_rewards", "step_labels", "mc_values"):
-                steps = getattr(self, name)
-                if steps is not None and int(self.step_ids.max()) >= steps.shape[1]:
-                    raise ValueError(f"RolloutBatch.{name} has S={steps.shape[1]} columns but step_ids "
-                                     f"reaches {int(self.step_ids.max())}")
+            self._check_step_ids(mask)
         if self.cut_lens is not None and bool((self.cut_lens < -1).any()):
             raise ValueError("RolloutBatch.cut_lens must be >= -1 (-1 pads unused cut columns)")
         if self.cut_lens is not None and self.cut_scores is not None \
@@ -229,6 +234,21 @@ class RolloutBatch:
                 and self.prompt_ids.shape != self.prompt_mask.shape:
             raise ValueError(f"RolloutBatch.prompt_mask shape {tuple(self.prompt_mask.shape)} != prompt_ids "
                              f"shape {tuple(self.prompt_ids.shape)}")
+
+    def _check_step_ids(self, mask: Tensor) -> None:
+        """step_ids: -1 outside the response, >= -1 and < MAX_ID inside, below S of every [B,S] step field."""
+        sid = self.step_ids
+        if bool(((~mask) & (sid != -1)).any()):
+            raise ValueError("RolloutBatch.step_ids must be -1 outside response_mask")
+        if bool((sid < -1).any()):
+            raise ValueError("RolloutBatch.step_ids must be >= -1 (-1 means 'no step')")
+        top = int(sid.max()) if sid.numel() else -1  # T = 0: no step at all
+        if top >= MAX_ID:
+            raise ValueError(f"RolloutBatch.step_ids must be < 2^31 (step numbers), got {top}")
+        for name in ("step_rewards", "step_labels", "mc_values"):
+            steps = getattr(self, name)
+            if steps is not None and top >= steps.shape[1]:
+                raise ValueError(f"RolloutBatch.{name} has S={steps.shape[1]} columns but step_ids reaches {top}")
 
 
 @dataclass
@@ -274,9 +294,14 @@ def _check_field(name: str, value: Any, sizes: dict[str, int], sources: dict[str
                              f"has {letter}={expected} (shape {list(spec.shape)}, got {tuple(value.shape)})")
     if value.device != device:
         raise ValueError(f"RolloutBatch.{name} is on {value.device}, response_ids on {device}")
-    if spec.kind == "float" and value.numel() and not bool(torch.isfinite(value).all()):
-        bad = int((~torch.isfinite(value)).sum())
-        raise ValueError(f"RolloutBatch.{name} has {bad} NaN/inf value(s); padding must be finite (0)")
+    if spec.kind == "float" and value.numel():
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"RolloutBatch.{name} has {bad} NaN/inf value(s); padding must be finite (0)")
+        biggest = float(value.detach().abs().max())
+        if biggest > MAX_ABS:
+            raise ValueError(f"RolloutBatch.{name} has |value| up to {biggest:.3g}, above the {MAX_ABS:g} that "
+                             f"creditlab accepts (credit is float32, largest 3.4e38); rescale it")
 
 
 def fields_table() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 from collections.abc import Sequence
 
 
@@ -71,17 +72,27 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from creditlab.demo import check_demo_args, run_demo
+
+    if not args.table_only:
+        check_demo_args(args.out_root, args.other_estimator)  # before any work, the table included
     print(estimator_table(seed=args.seed), flush=True)
     if args.table_only:
         return 0
-    from creditlab.demo import run_demo
-
     run_demo(out_root=args.out_root, seed=args.seed, other=args.other_estimator)
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`creditlab train: error: argument --steps: invalid int value: 'x'`),
+    no usage block, exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="creditlab", description="fine-grained credit assignment for LLM RL")
+    parser = OneLineParser(prog="creditlab", description="fine-grained credit assignment for LLM RL")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="list registered estimators")
     p.add_argument("--fields", action="store_true", help="list the RolloutBatch fields instead")
@@ -121,13 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What bad input raises (options, files, directories): reported as one line, exit code 2, no traceback. Anything
+# else is a bug and keeps its traceback.
+USER_ERRORS = (KeyError, ValueError, OSError, ImportError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # bad syntax: one line and SystemExit(2) from OneLineParser.error
     try:
         return int(args.func(args) or 0)
-    except (KeyError, ValueError, FileExistsError, FileNotFoundError) as e:  # user errors: one clear line
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"creditlab {args.command}: error: {msg}", file=sys.stderr)
+    except USER_ERRORS as e:
+        from creditlab.train.checks import one_line
+
+        print(f"creditlab {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -21,6 +21,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from creditlab.policy import Policy, load_policy
 from creditlab.rollout.hf import SamplingConfig, generate
 from creditlab.tasks import Problem, get_task
@@ -34,6 +36,11 @@ TASK_KWARGS = json.dumps({"n_steps": 2, "ops": "+-", "instructions": False, "slo
 SFT_STEPS = 600
 RL_STEPS = 60
 EVAL_PROBLEMS = 128
+# The demo's numbers depend on the torch thread count (the order of float reductions in matmuls) and on the CPU's
+# kernels (AVX2 vs AVX-512 paths). The demo sets one thread: the tiny model's matmuls gain nothing from a second
+# one, and with one thread the numbers do not depend on the core count, nor does a busy machine slow it down by
+# making threads wait for each other (two threads on an oversubscribed 2-core machine ran the SFT ~30x slower).
+DEMO_THREADS = 1
 
 
 def demo_train_config(policy_dir: str, estimator: str, out_dir: str, seed: int, steps: int = RL_STEPS,
@@ -55,11 +62,59 @@ def answer_slips(policy: Policy, problems: list[Problem]) -> int:
     return sum(parse_response(text).answer == p.meta["gold_steps"][-1][0] for p, text in zip(problems, batch.texts))
 
 
+MARKER = ".creditlab-demo"  # written into --out-root: only a directory holding it is ever cleaned by the demo
+
+
+def demo_dirs(other: str) -> tuple[str, ...]:
+    """The subdirectories of --out-root the demo writes (and replaces on a rerun)."""
+    return ("sft-tiny", "grpo", other)
+
+
+def check_demo_args(out_root: str, other: str, *, steps: int = RL_STEPS, eval_problems: int = EVAL_PROBLEMS) -> None:
+    """Refuse bad demo options before any work: the other estimator must be registered, differ from grpo and run on
+    what the demo produces (no scorer, no critic); --out-root must be new, empty, or a previous demo's output."""
+    from creditlab.registry import get_spec, list_estimators
+    from creditlab.signals.produce import PRODUCERS
+
+    try:
+        needs = get_spec(other).needs
+    except KeyError:
+        raise ValueError(f"--other-estimator: unknown estimator {other!r}; registered: {list_estimators()}") from None
+    if other == "grpo":
+        raise ValueError("--other-estimator must differ from grpo, which the demo always trains")
+    missing = [n for n in needs if n not in PRODUCERS and n not in ROLLOUT_FIELDS]
+    if missing:
+        raise ValueError(f"--other-estimator {other} needs {missing}, which the demo cannot produce (it runs no "
+                         f"scorer or critic); try `creditlab train --estimator {other} --scorer ...`")
+    demo_train_config("tiny", other, "", 0, steps, eval_problems).validate()
+    root = Path(out_root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out-root {root} is a file, not a directory")
+    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).is_file():
+        raise ValueError(f"--out-root {root} is not empty and is not the output of an earlier demo (no {MARKER}): "
+                         "the demo only replaces its own output; pick a new or empty directory")
+
+
+# Batch fields the rollout fills itself (`creditlab.rollout.hf.generate`) or the trainer computes (ref_logprobs).
+ROLLOUT_FIELDS = ("response_ids", "logprobs", "entropies", "certainty", "token_logits", "prompt_ids",
+                  "prompt_mask", "texts", "ref_logprobs")
+
+
 def run_demo(out_root: str = "runs/demo", seed: int = 0, other: str = "tempo", *, sft_steps: int = SFT_STEPS,
              rl_steps: int = RL_STEPS, eval_problems: int = EVAL_PROBLEMS) -> list[dict]:
-    """Run the demo and print its table; the size knobs exist for the smoke test."""
+    """Run the demo and print its table; the size knobs exist for the smoke test. Sets `DEMO_THREADS` torch threads
+    (and leaves them set) so that the printed numbers do not depend on the machine's core count.
+
+    Writes into `out_root` only: the demo's own subdirectories (`demo_dirs`) are replaced when `out_root` holds the
+    marker of an earlier demo; any other non-empty directory is refused (`check_demo_args`)."""
+    check_demo_args(out_root, other, steps=rl_steps, eval_problems=eval_problems)
+    torch.set_num_threads(DEMO_THREADS)
     root = Path(out_root)
-    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("written by `creditlab demo`; the demo replaces its own subdirectories here\n")
+    for name in demo_dirs(other):
+        if (root / name).is_dir() and not (root / name).is_symlink():
+            shutil.rmtree(root / name)
     t0 = time.perf_counter()
     held_out = get_task(TASK, **json.loads(TASK_KWARGS)).problems("test", eval_problems, seed)  # what train() uses
     print(f"\n[1/3] warm-starting tiny on {TASK} ({sft_steps} supervised steps on demonstrations whose answer line "

@@ -19,6 +19,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub read it
 
 import importlib.util
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -96,23 +97,34 @@ def list_policies() -> list[str]:
 
 
 def load_policy(name: str, *, seed: int = 0, cache_dir: str | None = None, dtype: torch.dtype = torch.float32,
-                **tiny_kwargs: Any) -> Policy:
+                device: torch.device | str = "cpu", **tiny_kwargs: Any) -> Policy:
     """Load a policy by name ("tiny", "smollm2") or from a local HF model directory.
 
     seed:        initialisation seed of "tiny" (ignored otherwise; the global RNG is left untouched).
     cache_dir:   cache root for the converted SmolLM2 (default `$CREDITLAB_CACHE` or `~/.cache/creditlab`).
     dtype:       parameter dtype (fp32 master weights by default).
+    device:      where the model's parameters go ("cpu", "cuda", ...; weights are built or read on the CPU first,
+                 so "tiny" has the same initial weights on every device).
     tiny_kwargs: size knobs of "tiny": n_layers, d_model, n_heads, d_ff, max_positions (see `tiny_config`).
     """
     if tiny_kwargs and name != "tiny":
         raise ValueError(f"size keywords {sorted(tiny_kwargs)} apply only to the 'tiny' policy, not {name!r}")
     if name == "tiny":
-        return _load_tiny(seed=seed, dtype=dtype, **tiny_kwargs)
-    if name == "smollm2":
-        return _load_local(str(_smollm2_dir(cache_dir)), dtype=dtype, name="smollm2")
-    if Path(name).is_dir():
-        return _load_local(name, dtype=dtype, name=name)
-    raise ValueError(f"unknown policy {name!r}: expected one of {list_policies()} or a local model directory")
+        policy = _load_tiny(seed=seed, dtype=dtype, **tiny_kwargs)
+    elif name == "smollm2":
+        policy = _load_local(str(_smollm2_dir(cache_dir)), dtype=dtype, name="smollm2")
+    elif Path(name).is_dir():
+        check_policy_dir(Path(name))
+        try:
+            policy = _load_local(name, dtype=dtype, name=name)
+        except Exception as e:  # anything a user's directory makes transformers raise
+            msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise ValueError(f"cannot load the policy in {name}: {type(e).__name__}: {msg}") from e
+    else:
+        raise ValueError(f"unknown policy {name!r}: expected one of {list_policies()} or a local model directory")
+    if torch.device(device) != policy.model.device:
+        policy.model.to(device)
+    return policy
 
 
 # ---------------------------------------------------------------------------------------------------- tiny
@@ -159,6 +171,33 @@ def _load_tiny(*, seed: int, dtype: torch.dtype, **size: Any) -> Policy:
 
 
 # ------------------------------------------------------------------------------------------- local / smollm2
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_policy_dir(path: Path) -> None:
+    """A one-line ValueError unless `path` looks like a saved HF causal LM: a config.json that is a JSON object
+    with a `model_type`, weights, and tokenizer files (checked before transformers gets to guess)."""
+    files = {p.name for p in path.iterdir()}
+    if not files:
+        raise ValueError(f"policy directory {path} is empty (expected a model saved with save_pretrained: "
+                         "config.json, model.safetensors, tokenizer files)")
+    config = path / "config.json"
+    if "config.json" not in files:
+        raise ValueError(f"policy directory {path} has no config.json (expected a model saved with save_pretrained)")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{config} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ValueError(f"{config} has no \"model_type\" (not a Hugging Face model config)")
+    if not files & set(WEIGHT_FILES) and not any(f.endswith(".safetensors") for f in files):
+        raise ValueError(f"policy directory {path} has no model weights (expected one of {list(WEIGHT_FILES)})")
+    if not files & set(TOKENIZER_FILES):
+        raise ValueError(f"policy directory {path} has no tokenizer (expected one of {list(TOKENIZER_FILES)})")
 
 
 def _load_local(path: str, *, dtype: torch.dtype, name: str) -> Policy:

@@ -26,7 +26,7 @@ def test_scorer_mapping_and_runnable_set():
 
 
 def test_samples_and_target():
-    assert total_samples({"samples": 128}) == 128 and total_samples({"samples": 128, "samples_extra": 64}) == 192
+    assert total_samples({"samples": 128}) == 128  # the trainer's count already includes samples/extra
     assert samples_to_target([0, 128, 256], [0.1, 0.3, 0.5], 0.3) == 128
     assert samples_to_target([0, 128], [0.1, 0.2], 0.3) is None
 
@@ -89,3 +89,42 @@ def test_cli_help(capsys):
     with pytest.raises(SystemExit):
         cli_main(["bench", "--help"])
     assert "--out" in capsys.readouterr().out
+
+
+def test_no_oracle_selection_skips_label_readers_and_scores_steps_with_the_implicit_prm():
+    from creditlab.bench.learning import PRESETS, bench_tasks, oracle_needs, select_estimators
+
+    assert scorer_for("pure", oracle=False)[0] == "implicit" and scorer_for("pure")[0] == "oracle"
+    assert oracle_needs("tp_grpo") == ["step_labels"] and not oracle_needs("grpo")
+    assert "tp_grpo" not in runnable_estimators(oracle=False) and "pure" in runnable_estimators(oracle=False)
+    p = PRESETS["smollm2"]
+    assert p.estimators == () and p.seeds >= 3 and not p.oracle and p.results == "benchmarks/results/smollm2"
+    names, skipped = select_estimators(p, bench_tasks())  # computed from the registry now
+    assert "tp_grpo" in skipped and "oracle" in skipped["tp_grpo"]
+    assert {"grpo", "tempo", "pure", "prime"} <= set(names) and not set(names) & set(skipped)
+    assert "gae" in skipped or "gae" in names  # probed: runs only if a component fills its values
+
+
+def test_probe_reports_why_an_estimator_cannot_run():
+    from creditlab.bench.learning import bench_tasks, probe
+
+    assert probe("grpo", bench_tasks()["arith_chain"]) == ""
+    why = probe("gae", bench_tasks()["arith_chain"])
+    assert why == "" or "values" in why or "token_rewards" in why
+
+
+def test_committed_results_rebuild_the_report_and_skip_finished_runs(tmp_path, capsys):
+    results = tmp_path / "committed"
+    argv = ["bench", "--preset", "micro", "--estimators", "grpo,rloo", "--steps", "1", "--out", str(tmp_path / "a"),
+            "--results", str(results)]
+    assert main(argv) == 0
+    assert (results / "arith_chain/rloo/seed0.config.json").exists() and (results / "curves_time.png").exists()
+    report = (results / "report.md").read_text()
+    assert "Paired with `grpo`" in report and "| rloo | 1 |" in report and "Measured on cpu" in report
+    capsys.readouterr()
+    fresh = ["bench", "--preset", "micro", "--estimators", "grpo,rloo", "--steps", "1", "--out",
+             str(tmp_path / "b"), "--results", str(results)]  # no run directories: as in a fresh clone
+    assert main(fresh) == 0
+    assert capsys.readouterr().out.count("skipped (committed results)") == 2 and not (tmp_path / "b" / "runs").exists()
+    (results / "report.md").unlink()
+    assert main([*fresh, "--report-only"]) == 0 and "| rloo |" in (results / "report.md").read_text()

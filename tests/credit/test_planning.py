@@ -40,6 +40,7 @@ CASES = [
     ("hicra_entropy", {}), ("hicra_entropy", {"alpha": 0.5, "top_frac": 0.5, "length_gate": False}),
     ("ktae", {}), ("ktae", {"alpha": 0.3, "beta": 2.0, "gamma_tf": 0.5, "top": 2.0, "ignore_token_ids": (1, 4)}),
     ("ktae", {"alpha": 0.0, "k1": 1.2, "b": 0.75, "correct_threshold": 0.5, "singleton": "raw"}),
+    ("ktae", {"zero_last_token": False}), ("ktae", {"reference_float32": True, "gamma_tf": 0.0}),
     ("ucas", {}), ("ucas", {"beta_pos": 0.5, "beta_neg": 0.1, "lam": 0.3, "penalize_zero_signal": False}),
 ]
 
@@ -88,16 +89,35 @@ def test_hicra_needs_planning_mask():
 
 def test_hicra_entropy_hand_case():
     # group {row0: R=1, L=5, H=0..4; row1: R=0, L=1}; mean length 3 -> row0 is long and correct.
-    # tau = 0.7 quantile of [0,1,2,3,4] = 2.8 -> tokens 3 and 4 get x(1+alpha); row1 (negative) untouched.
+    # TRL port `_topk_threshold`: tau = sorted(H)[int((1 - 0.3) * 5)] = sorted(H)[3] = 3 -> only token 4 (H > 3)
+    # gets x(1+alpha); row1 (negative) untouched. (The interpolated 0.7-quantile, 2.8, would also boost token 3.)
     ent = torch.tensor([[0.0, 1, 2, 3, 4], [9, 0, 0, 0, 0]])
     b = make([1, 0], [5, 1], entropies=ent)
     adv = get_estimator("hicra_entropy")(b).advantages
     a = 0.5 / (math.sqrt(0.5) + 1e-6)
-    torch.testing.assert_close(adv[0].double(), torch.tensor([a, a, a, 1.2 * a, 1.2 * a], dtype=torch.float64),
+    torch.testing.assert_close(adv[0].double(), torch.tensor([a, a, a, a, 1.2 * a], dtype=torch.float64),
                                atol=1e-6, rtol=1e-6)
     assert adv[1, 0] == pytest.approx(-a) and (adv[1, 1:] == 0).all()
     gated = get_estimator("hicra_entropy")(make([1, 0], [5, 9], T=9, entropies=torch.rand(2, 9))).advantages
     assert torch.equal(gated, get_estimator("grpo")(make([1, 0], [5, 9], T=9)).advantages)  # row0 not long
+
+
+def test_hicra_entropy_threshold_is_the_ports_index_not_a_quantile():
+    # issue 11's hand case: 10 distinct entropies 0..9, k = 0.3. The port takes tau = sorted(H)[int(0.7 * 10)]
+    # = sorted(H)[7] = 7 (Python: int((1 - 0.3) * 10) = int(7.000000000000001) = 7), so H in {8, 9} is boosted:
+    # 2 of 10 tokens. torch.quantile(H, 0.7) = 6.3 would boost 3 (7, 8, 9).
+    ent = torch.tensor([[3.0, 9, 0, 7, 1, 8, 2, 6, 4, 5], [0.0] * 10])
+    b = make([1, 0], [10, 1], T=10, entropies=ent)
+    c = get_estimator("hicra_entropy")(b)
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    boosted = (c.advantages[0].double() - a).abs() > 1e-6
+    assert boosted.tolist() == [False, True, False, False, False, True, False, False, False, False]
+    assert c.advantages[0, 1].item() == pytest.approx(1.2 * a)
+    # k = 1: index int(0) = 0, tau = min -> every token but the smallest; one valid token: tau = that token -> none
+    c = get_estimator("hicra_entropy")(b, top_frac=1.0)
+    assert int(((c.advantages[0].double() - a).abs() > 1e-6).sum()) == 9
+    one = make([1, 0], [3, 1], T=3, entropies=torch.tensor([[0.5, 0.5, 0.5], [0.0, 0, 0]]))
+    assert torch.equal(get_estimator("hicra_entropy")(one).advantages, get_estimator("grpo")(one).advantages)
 
 
 # ---------------------------------------------------------------------------------------------- KTAE
@@ -123,7 +143,8 @@ def test_fisher_matches_scipy_if_installed():
 
 
 def _weights(b, **kw):
-    return ktae_token_weights(b, **kw)
+    """The weight formula alone: the EOS rule (zero_last_token) is tested on its own below."""
+    return ktae_token_weights(b, **{"zero_last_token": False, **kw})
 
 
 def test_ktae_label_swap_flips_every_weight():
@@ -176,7 +197,119 @@ def test_ktae_strictly_inside_top_when_tokens_occur_on_both_sides():
                      group_ids=torch.zeros(4, dtype=torch.long), rewards=torch.tensor([1.0, 0, 1, 0]))
     w = _weights(b)
     assert (w.abs() < 1).all() and (w[ids == 2] > 0).all() and (w[ids != 2] == 0).all()
+    torch.testing.assert_close(w, loop_ktae_weights(b, zero_last_token=False))
+
+
+def test_ktae_eos_gets_zero_weight_by_default():
+    # The reference hard-codes w(151643) = 0 (Qwen's <|endoftext|>). Two correct rows stop with EOS (id 151643),
+    # the wrong rows are cut at the length limit (no EOS): EOS sits on the correct side only, so without the rule
+    # it would get a large positive w. Default: every row's final valid token gets 0 -- the EOS of rows that
+    # stopped, and the last real token (id 9) of the truncated rows (the one documented difference).
+    eos = 151643
+    ids = torch.tensor([[4, 5, eos, 0], [5, 4, 4, eos], [4, 6, 6, 9], [6, 6, 4, 9]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    b = RolloutBatch(response_ids=ids, response_mask=mask, group_ids=torch.zeros(4, dtype=torch.long),
+                     rewards=torch.tensor([1.0, 1, 0, 0]))
+    full = ktae_token_weights(b, zero_last_token=False)
+    assert full[0, 2] > 0.5 and full[1, 3] > 0.5  # EOS only in correct rows: strongly "key" without the rule
+    w = ktae_token_weights(b)
+    last = torch.tensor([[0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    assert (w[last] == 0).all()
+    assert torch.equal(w[mask & ~last], full[mask & ~last])  # every other weight is unchanged
     torch.testing.assert_close(w, loop_ktae_weights(b))
+    adv = get_estimator("ktae")(b).advantages  # a = +-0.866 (GRPO), EOS positions carry a alone
+    assert adv[0, 2].item() == pytest.approx(0.5 / (math.sqrt(1 / 3) + 1e-6), rel=1e-5)
+
+
+def _reference_fisher_float32(appear):
+    """Transcription of xiaolizh1/KTAE compute_key_tokens.fisher_exact_test: one group's [V+1, 4] float32 table
+    (a, b, c, d per token id, all-zero rows for ids absent from the group), evaluated on one shared grid."""
+    a, b, c, d = torch.unbind(appear, dim=1)
+    r1, r2, c1 = a + b, c + d, a + c
+    n = r1 + r2
+    k_min = torch.max(torch.tensor(0, dtype=torch.float32), r1 + c1 - n)
+    k_max = torch.min(r1, c1)
+    k = torch.tile(torch.arange(torch.max(k_max) + 1, dtype=torch.float32), (appear.size(0), 1))
+    on = (k >= k_min.unsqueeze(1)) & (k <= k_max.unsqueeze(1))
+
+    def log_comb(nn, kk):
+        return torch.lgamma(nn + 1) - torch.lgamma(kk + 1) - torch.lgamma(nn - kk + 1)
+
+    grid = lambda x: x.unsqueeze(1).expand_as(k)  # noqa: E731
+    p_k = torch.exp(log_comb(grid(c1), k) + log_comb(grid(n) - grid(c1), grid(r1) - k)
+                    - log_comb(grid(n), grid(r1))) * on.float()
+    p_obs = torch.exp(log_comb(c1, a) + log_comb(n - c1, r1 - a) - log_comb(n, r1))
+    return torch.sum(torch.where((p_k <= p_obs.unsqueeze(1)) & on, p_k, 0.), dim=1)
+
+
+def test_ktae_reference_float32_fisher_is_bit_identical_to_the_reference():
+    from creditlab.credit.planning import fisher_p_reference_float32
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(4):
+        # the reference's table has one row per id up to the largest id (Qwen: 151643) once; smaller tables after
+        vocab = 151644 if trial == 0 else 4096
+        n_c, n_w = 2 + trial, 3 + 2 * trial
+        pres = torch.stack([torch.randint(0, n_c + 1, (40,), generator=gen),
+                            torch.randint(0, n_w + 1, (40,), generator=gen)], 1).float()
+        pres = pres[(pres.sum(1) > 0)]  # tokens that occur in the group
+        ids = torch.randperm(vocab, generator=gen)[: pres.shape[0]]
+        appear = torch.zeros(vocab, 4)
+        appear[ids] = torch.stack([pres[:, 0], pres[:, 1], n_c - pres[:, 0], n_w - pres[:, 1]], 1)
+        want = _reference_fisher_float32(appear)[ids]
+        width = int(torch.minimum(pres.sum(1), torch.tensor(float(n_c))).max()) + 1
+        got = fisher_p_reference_float32(pres[:, 0].double(), pres[:, 1].double(), torch.full((len(ids),), n_c),
+                                         torch.full((len(ids),), n_w), torch.full((len(ids),), width))
+        assert torch.equal(got, want), trial
+    # a p = 1 table whose float32 sum is not exactly 1: F = exp(-2p) = 0.1353 instead of 0 (issue 11, item 6)
+    one = fisher_p_reference_float32(*(torch.tensor([x], dtype=torch.float64) for x in (0, 1, 1, 2)),
+                                     torch.tensor([2]))
+    assert fisher_exact_two_sided(*(torch.tensor([x], dtype=torch.float64) for x in (0, 1, 1, 2)))[1].item()
+    assert one.item() != 1.0 and math.exp(-2 * one.item()) == pytest.approx(0.135335, abs=1e-6)
+
+
+def test_ktae_reference_float32_end_to_end():
+    for seed in range(20):
+        b = ragged(seed)
+        got = ktae_token_weights(b, reference_float32=True)
+        torch.testing.assert_close(got, loop_ktae_weights(b, reference_float32=True), atol=1e-6, rtol=1e-6)
+    # token 1 is in the correct row and one of the two wrong rows: table (a, b, n_c, n_w) = (1, 1, 1, 2), p = 1.
+    # float64: F = 0; the reference's float32 sum is 1 - 6e-8, so F = exp(-2p) = 0.1353 enters z and changes w.
+    ids = torch.tensor([[1, 5, 5], [1, 6, 6], [7, 7, 7]])
+    b = RolloutBatch(response_ids=ids, response_mask=torch.ones(3, 3, dtype=torch.bool),
+                     group_ids=torch.zeros(3, dtype=torch.long), rewards=torch.tensor([1.0, 0, 0]))
+    exact = ktae_token_weights(b, zero_last_token=False)
+    ref32 = ktae_token_weights(b, zero_last_token=False, reference_float32=True)
+    h = math.asin(1.0) - math.asin(math.sqrt(0.5))  # a/n_c = 1, b/n_w = 1/2
+    ig = (-(1 / 3) * math.log2(1 / 3) - (2 / 3) * math.log2(2 / 3)) - 2 / 3  # H(Y) - H(Y|token), bits
+    # tf terms: token 1 occurs once among 3 correct tokens and once among 6 wrong tokens (BM25, k1 = 2, b = .5)
+    avg = (3 + 6) / 2
+    tf_c = (1 / 3) * 3 / (1 / 3 + 2 * (0.5 + 0.5 * 3 / avg))
+    tf_w = (1 / 6) * 3 / (1 / 6 + 2 * (0.5 + 0.5 * 6 / avg))
+    x = h + tf_c / (tf_w + 1e-5) - tf_w / (tf_c + 1e-5)
+    for w, fisher in ((exact, 0.0), (ref32, math.exp(-2 * 0.9999999403953552))):
+        z = (fisher + ig) * x / 2
+        assert w[0, 0].item() == pytest.approx(2 * (1 / (1 + math.exp(-z)) - 0.5), abs=1e-6)
+
+
+def test_ktae_memory_is_linear_in_the_batch():
+    # 3000 rows in one group plus 2000 singletons: the old dense (group, a, b) bucket needed
+    # groups x (max group + 1)^2 = 2001 x 3001^2 bools (18 GB); the distinct-table sort needs O(tokens).
+    gen = torch.Generator().manual_seed(0)
+    B, T = 5000, 3
+    group_ids = torch.cat([torch.zeros(3000, dtype=torch.long), torch.arange(1, 2001)])
+    b = RolloutBatch(response_ids=torch.randint(0, 30, (B, T), generator=gen),
+                     response_mask=torch.ones(B, T, dtype=torch.bool), group_ids=group_ids,
+                     rewards=torch.randint(0, 2, (B,), generator=gen).float())
+    adv = get_estimator("ktae")(b).advantages
+    assert torch.isfinite(adv).all() and (adv[3000:] == 0).all()  # singletons: a = 0, w = 0
+
+
+def test_ktae_token_ids_of_any_size_are_fine():
+    # ids are re-indexed densely: 2^31 - 1 and 0 work like 1 and 0 (no product overflow in the sort key)
+    b = random_batch(n_groups=3, max_group=5, T=6, seed=4, vocab=3)
+    big = b.replace(response_ids=torch.where(b.response_ids == 1, 2**31 - 1, b.response_ids))
+    torch.testing.assert_close(get_estimator("ktae")(big).advantages, get_estimator("ktae")(b).advantages)
 
 
 def test_ktae_rejects_bad_weights():
@@ -184,6 +317,8 @@ def test_ktae_rejects_bad_weights():
         get_estimator("ktae")(ragged(1), alpha=0.0, beta=0.0)
     with pytest.raises(ValueError, match="top"):
         get_estimator("ktae")(ragged(1), top=0.0)
+    with pytest.raises(ValueError, match="ignore_token_ids"):
+        get_estimator("ktae")(ragged(1), ignore_token_ids=(-1,))
 
 
 # ---------------------------------------------------------------------------------------------- UCAS

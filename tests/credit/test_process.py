@@ -12,6 +12,7 @@ from creditlab.credit.loops.process import LOOPS
 from creditlab.credit.ops import masked_whiten
 from creditlab.credit.process import (
     _masked_rloo_tokens,
+    dense_step_ids,
     merge_thoughts,
     softmin_rewards,
     step_layout,
@@ -59,7 +60,7 @@ RHO = [[0.5, -0.2, 0.8]]
 
 def test_pure_strict_hand_case():
     b = make([[1, 2, 1]], [1.0], step_rewards=RHO)
-    c = get_estimator("pure")(b, baseline="none", vr_coef=0.0)
+    c = get_estimator("pure")(b, mode="strict", baseline="none", vr_coef=0.0)
     assert step_values(c, b, 0) == pytest.approx([-0.2, -0.2, 0.8])
     assert c.advantages[0].tolist() == pytest.approx([-0.2, -0.2, -0.2, 0.8])
 
@@ -78,14 +79,14 @@ def test_pure_softmin_hand_case():
     rho_star = softmin_rewards(torch.tensor(RHO), present, 0.1)
     assert rho_star[0].tolist() == pytest.approx([0.00046, -0.19981, 0.00004], abs=1e-5)
     b = make([[1, 1, 1]], [1.0], step_rewards=RHO)
-    c = get_estimator("pure")(b, mode="softmin", baseline="none", vr_coef=0.0)
+    c = get_estimator("pure")(b, baseline="none", vr_coef=0.0)  # softmin is the default (what PURE trains)
     assert step_values(c, b, 0) == pytest.approx([-0.1993, -0.1998, 0.00004], abs=1e-4)
 
 
 def test_pure_outcome_and_outside_tokens():
     # token -1 inside the response (separator / answer line) gets the outcome part only; v = R - 1
     b = make([[1, -1, 1, -2]], [0.0], step_rewards=[[0.3, 0.6]])
-    c = get_estimator("pure")(b, baseline="none", vr_coef=1.0)
+    c = get_estimator("pure")(b, mode="strict", baseline="none", vr_coef=1.0)
     assert c.advantages[0].tolist() == pytest.approx([0.3 - 1, -1, 0.6 - 1, -1, -1])
     zero_steps = make([[-3]], [1.0], step_rewards=[[0.9]])
     assert get_estimator("pure")(zero_steps, baseline="none").advantages[0].tolist() == [0.0, 0.0, 0.0]
@@ -94,15 +95,58 @@ def test_pure_outcome_and_outside_tokens():
 def test_pure_token_baseline_by_hand():
     # two responses, one group, softmin with T huge -> rho* = rho / K (mean-form), token baseline
     b = make([[2, 1], [3]], [1.0, 0.0], group_ids=[5, 5], step_rewards=[[0.6, 0.0], [0.3, 0.0]])
-    c = get_estimator("pure")(b, mode="softmin", temperature=1e9, vr_coef=0.0)
-    # row 0: rho* = [.3, 0], rate0 = .3/3 = .1 ; row 1: rho* = [.3], rate1 = .3/3 = .1
-    # row 0: rho' = [.3 - .1*2, 0 - .1*1] = [.1, -.1] -> G = [0, -.1] ; row 1: rho' = [.3 - .1*3] = [0]
+    c = get_estimator("pure")(b, temperature=1e9, vr_coef=0.0)
+    # row 0: rho* = [.3, 0], total .3, L0 = 3 tokens ; row 1: rho* = [.3], total .3, L1 = 3
+    # b0 = total1 / L1 = .1 -> rho' = [.3 - .1*2, 0 - .1*1] = [.1, -.1] -> G = [0, -.1] ; b1 = .1 -> [0]
     assert c.advantages[0].tolist() == pytest.approx([0.0, 0.0, -0.1], abs=1e-6)
     assert c.advantages[1].tolist() == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    # the reference's --disable_weighted_reward is exactly this mean-form: sum_form(mean_form=True)
+    torch.testing.assert_close(get_estimator("sum_form")(b, mean_form=True, vr_coef=0.0).advantages, c.advantages)
     # strict: scores min = [0, .3]; row 0 G = [0, 0] - .3 ; row 1 G = [.3] - 0 ; VR RLOO = +-1
-    c = get_estimator("pure")(b)
+    c = get_estimator("pure")(b, mode="strict")
     assert c.advantages[0].tolist() == pytest.approx([0.7, 0.7, 0.7])
     assert c.advantages[1].tolist() == pytest.approx([-0.7, -0.7, -0.7])
+
+
+# A 3-response group worked by hand from PURE's `process_experiences` (reward_baseline="token", PRM+VR, coef 1).
+# Tokens: row 0 = [s0 s0 | s1] (a separator, step id -1, between steps), L0 = 4, step tokens [2, 1];
+#         row 1 = [s0 x6], L1 = 6, [6];  row 2 = [s0 | s1 | s2], L2 = 5, [1, 1, 1].
+# rho = [.6, .3], [.3], [-.3, .6, 0];  R = [1, 0, 1] -> v = R - 1 = [0, -1, 0], RLOO(v) = [.5, -1, .5].
+# Reference baseline, a ratio of sums over the OTHER rows: b_i = sum_{j!=i} total_j / sum_{j!=i} L_j
+#   b0 = (.3 + .3) / (6 + 5) = .0545454545,  b1 = (.9 + .3) / (4 + 5) = .1333333333,  b2 = 1.2 / 10 = .12
+# rho'_k = rho_k - b_i * tokens(k); G_k = sum_{j>=k} rho'_j; A = G_k(t) + RLOO(v), separators get RLOO(v) only:
+#   row 0: rho' = [.6 - 2 b0, .3 - b0] = [.4909090909, .2454545455] -> G = [.7363636364, .2454545455]
+#   row 1: rho' = [.3 - 6 b1] = [-.5];  row 2: rho' = [-.42, .48, -.12] -> G = [-.06, .36, -.12]
+SUM3 = dict(step_lens=[[2, -1, 1], [6], [1, -1, 1, -1, 1]], rewards=[1.0, 0.0, 1.0], group_ids=[7, 7, 7],
+            step_rewards=[[0.6, 0.3, 0.0], [0.3, 0.0, 0.0], [-0.3, 0.6, 0.0]])
+
+
+def test_sum_form_token_baseline_matches_pure_reference_by_hand():
+    b = make(**SUM3)
+    adv = get_estimator("sum_form")(b).advantages.double()
+    assert adv[0, :4].tolist() == pytest.approx([1.2363636364, 1.2363636364, 0.5, 0.7454545455], abs=1e-6)
+    assert adv[1].tolist() == pytest.approx([-1.5] * 6, abs=1e-6)
+    assert adv[2, :5].tolist() == pytest.approx([0.44, 0.5, 0.86, 0.5, 0.38], abs=1e-6)
+    # creditlab's earlier baseline (a mean of per-row rates over step tokens) is the named option token_per_row:
+    # rates .9/3 = .3, .3/6 = .05, .3/3 = .1 -> b1 = (.3 + .1)/2 = .2 -> row 1: .3 - 6(.2) - 1 = -1.9
+    old = get_estimator("sum_form")(b, baseline="token_per_row").advantages.double()
+    assert old[1].tolist() == pytest.approx([-1.9] * 6, abs=1e-6)
+
+
+def test_pure_softmin_default_matches_pure_reference_by_hand():
+    # same group, default pure: rho* = softmax(-rho / .1) * rho over each row's steps (turn_process_reward_
+    # logits_to_reward, temperature 0.1), then the same token baseline on rho*.
+    #   row 0: w = [e^-6, e^-3] / (e^-6 + e^-3) = [.0474258732, .9525741268] -> rho* = [.0284555239, .2857722380]
+    #   row 1: rho* = [.3];  row 2: w ~ [e^3, e^-6, e^0] / sum -> rho* = [-.2857386475, .0000705259, 0]
+    #   totals [.3142277620, .3, -.2856681216]; b0 = (.3 - .2856681216)/11 = .0013028980,
+    #   b1 = (.3142277620 - .2856681216)/9 = .0031732934, b2 = (.3142277620 + .3)/10 = .0614227762
+    #   row 0: G = [.3103190680, .2844693400] (+.5);  row 1: G = [.3 - 6 b1] = [.2809602396] (-1)
+    #   row 2: G = [-.4699364500, -.1227750260, -.0614227762] (+.5)
+    b = make(**SUM3)
+    adv = get_estimator("pure")(b).advantages.double()
+    assert adv[0, :4].tolist() == pytest.approx([0.8103190680, 0.8103190680, 0.5, 0.7844693400], abs=1e-6)
+    assert adv[1].tolist() == pytest.approx([-0.7190397604] * 6, abs=1e-6)
+    assert adv[2, :5].tolist() == pytest.approx([0.0300635500, 0.5, 0.3772249740, 0.5, 0.4385772238], abs=1e-6)
 
 
 def test_sum_form_step_baseline_leaks_step_count_token_does_not():
@@ -148,7 +192,7 @@ def test_capo_invariants():
              for th in (1e-9, 0.5, 1.0)]  # intersection <= majority <= union
     assert fracs == sorted(fracs)
     for w, p in ((1.0, 1.0), (1.0, 2.0), (1.0, -0.1)):
-        with pytest.raises(ValueError, match="w_whole > w_process >= 0"):
+        with pytest.raises(ValueError, match=r"w_whole > w_process >= 0|'w_process' must be"):
             get_estimator("capo")(b, w_whole=w, w_process=p)
 
 
@@ -160,6 +204,31 @@ def test_prime_masked_rloo_hand_case():
     assert got[0].tolist() == pytest.approx([0.1, 0.5]) and got[1, 0].item() == pytest.approx(-0.3)
     clean = _masked_rloo_tokens(r, b, clean=True, singleton="zero")
     assert clean[0].tolist() == pytest.approx([0.2, 0.4]) and clean[1, 0].item() == pytest.approx(-0.3)
+
+
+def test_prime_batch_norm_default_matches_prime_rl_by_hand():
+    # PRIME-RL dp_prime.py: token scores are q = log pi_phi - log pi_ref (no beta), then prime_norm batch_norm
+    # divides by max over the batch of |reverse cumsum q| + 1e-6. Group of 2: q0 = [.2, .4], q1 = [-.1], R = [1, 0].
+    #   reverse cumsums [.6, .4] and [-.1] -> r = q / .600001: r0 = [.3333328, .6666656], r1 = [-.1666664]
+    #   masked_rloo (n = 2): r * 2 - (m0 + m1), m0 = .4999992, m1 = -.1666664 -> [.3333328, .9999984], [-.6666656]
+    #   final = 5 * that + 5 * RLOO(R) on the last token: [1.666664, 4.999992 + 5], [-3.333328 - 5]
+    #   returns = reverse cumsum: [1.666664 + 9.999992, 9.999992] = [11.666656, 9.999992], [-8.333328];
+    #   advantages = whiten over the 3 tokens
+    b = make([[-2], [-1]], [1.0, 0.0], group_ids=[0, 0])
+    b = b.replace(prm_logprobs=torch.tensor([[0.2, 0.4], [-0.1, 0.0]]), ref_logprobs=torch.zeros(2, 2))
+    c = get_estimator("prime")(b)
+    ret = torch.tensor([[11.666656, 9.999992], [-8.333328, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(c.returns.double(), ret, atol=2e-5, rtol=0)
+    torch.testing.assert_close(c.advantages.double(), masked_whiten(ret, b.response_mask), atol=1e-5, rtol=0)
+    # beta drops out under batch_norm (PRIME-RL's rm_scores carry no beta); prm_norm="none" uses r = beta q
+    torch.testing.assert_close(get_estimator("prime")(b, beta=1.0).advantages, c.advantages)
+    none = get_estimator("prime")(b, prm_norm="none")
+    r = torch.tensor([[0.01, 0.02], [-0.005, 0.0]], dtype=torch.float64)  # beta q, beta = .05
+    want = 5 * _masked_rloo_tokens(r, b, clean=False, singleton="zero") * b.response_mask
+    want[0, 1] += 5.0
+    want[1, 0] -= 5.0
+    torch.testing.assert_close(none.returns.double(), want.flip(1).cumsum(1).flip(1) * b.response_mask,
+                               atol=1e-6, rtol=0)
 
 
 def test_prime_reduces_to_whitened_outcome_rloo_when_prm_equals_ref():
@@ -175,25 +244,48 @@ def test_prime_reduces_to_whitened_outcome_rloo_when_prm_equals_ref():
 
 # ---------------------------------------------------------------- OPRL / iStar (methods.md 6.4)
 def test_oprl_hand_case():
+    # iStar core_istar.py / dp_rm.py with ref_path=null: q = log pi_phi - log pi_old, pi_old = batch.logprobs
     b = make([[2], [1, 1], [3], [1]], [1.0, 0.0, 0.0, 1.0], group_ids=[0, 0, 0, 0])
-    b = b.replace(prm_logprobs=torch.zeros(4, 3), ref_logprobs=torch.zeros(4, 3))
+    old = -torch.rand(4, 3, generator=torch.Generator().manual_seed(0)) * b.response_mask
+    b = b.replace(logprobs=old, prm_logprobs=old, ref_logprobs=torch.full((4, 3), -9.0) * b.response_mask)
     adv = get_estimator("oprl")(b).advantages
+    # q == 0: episode RLOO only, A^E = R_i - mean of the other three = [2/3, -2/3, -2/3, 2/3]
     assert [float(adv[i, 0]) for i in range(4)] == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
-    # step rewards: row 0 one step with q sum 2 -> s = .1; row 1 two steps s = [.05, 0]; rows 2, 3: 0
+    # q = 1 on row 0's two tokens and row 1's first token: s = beta sum q = [.1], [.05, 0], [0], [0]
+    # istar_norm batch_norm: s / (max |s| + 1e-6) = s / .100001 -> [.99999], [.499995, 0], [0], [0]
     q = torch.tensor([[1.0, 1.0, 0], [1.0, 0, 0], [0, 0, 0], [0, 0, 0]])
-    b = b.replace(prm_logprobs=q * b.response_mask)
+    b = b.replace(prm_logprobs=(old + q) * b.response_mask)
     adv = get_estimator("oprl")(b).advantages
-    a_s0 = 0.1 - (0.05 + 0 + 0 + 0) / 4  # others' steps: row1 (.05, 0), row2 (0), row3 (0)
-    a_s1 = [0.05 - 0.1 / 3, 0 - 0.1 / 3]  # others' steps: row0 (.1), row2, row3
+    s0, s1 = 0.1 / 0.100001, 0.05 / 0.100001
+    a_s0 = s0 - (s1 + 0 + 0 + 0) / 4  # others' steps: row1 (s1, 0), row2 (0), row3 (0)
+    a_s1 = [s1 - s0 / 3, 0 - s0 / 3]  # others' steps: row0 (s0), row2, row3
     assert adv[0, :2].tolist() == pytest.approx([2 / 3 + a_s0] * 2)
     assert adv[1, :2].tolist() == pytest.approx([-2 / 3 + a_s1[0], -2 / 3 + a_s1[1]])
+    # istar_norm="none": raw beta sums, as creditlab computed before (s = .1, .05)
+    raw = get_estimator("oprl")(b, istar_norm="none").advantages
+    assert raw[0, 0].item() == pytest.approx(2 / 3 + 0.1 - 0.05 / 4)
+    # the frozen reference (ref_logprobs) plays no part: only logprobs does
+    torch.testing.assert_close(get_estimator("oprl")(b.replace(ref_logprobs=None)).advantages, adv)
+    assert not torch.allclose(get_estimator("oprl")(b.replace(logprobs=old - 1)).advantages, adv)
 
 
 def test_oprl_reduces_to_episode_rloo_when_q_is_zero():
     for seed in range(10):
         b = random_batch(n_groups=4, T=8, seed=seed)
-        b = b.replace(prm_logprobs=b.ref_logprobs)
+        b = b.replace(prm_logprobs=b.logprobs)
         torch.testing.assert_close(get_estimator("oprl")(b).advantages, get_estimator("rloo")(b).advantages)
+
+
+def test_oprl_step_count_comes_from_the_data_not_the_largest_id():
+    # issue 12: ids up to 2e9 used to allocate [B, 2e9]; the steps are ranked per row, so gapped and huge ids
+    # give exactly the credit of ids 0, 1, 2, ...
+    b = random_batch(n_groups=3, max_group=4, T=8, seed=5, empty_row_prob=0.0)
+    sid = b.step_ids
+    huge = torch.where(sid >= 0, sid * 700_000_000 + 3, -1)  # 3, 700000003, 1400000003, 2100000003
+    got = get_estimator("oprl")(b.replace(step_ids=huge, step_rewards=None, step_labels=None, mc_values=None))
+    torch.testing.assert_close(got.advantages, get_estimator("oprl")(b).advantages)
+    sid2, n = dense_step_ids(huge)
+    assert n <= b.T and torch.equal(sid2, sid)
 
 
 # ---------------------------------------------------------------- TP-GRPO (methods.md 8.5)
@@ -253,13 +345,15 @@ def awkward(seed):
 CASES = [
     ("sum_form", {}), ("sum_form", {"baseline": "step", "gamma": 0.9}), ("sum_form", {"baseline": "none"}),
     ("sum_form", {"singleton": "raw", "gamma": 0.5, "vr_coef": 0.3}),
+    ("sum_form", {"baseline": "token_per_row"}), ("sum_form", {"mean_form": True, "singleton": "raw"}),
     ("pure", {}), ("pure", {"singleton": "raw"}), ("pure", {"baseline": "none"}),
-    ("pure", {"mode": "softmin"}), ("pure", {"mode": "softmin", "temperature": 0.5, "singleton": "raw"}),
-    ("pure", {"mode": "softmin", "baseline": "none"}),
+    ("pure", {"mode": "strict"}), ("pure", {"mode": "strict", "singleton": "raw"}),
+    ("pure", {"mode": "strict", "baseline": "none"}), ("pure", {"temperature": 0.5, "singleton": "raw"}),
     ("capo", {}), ("capo", {"w_whole": 1.0, "w_process": 0.3, "flag_threshold": 0.0, "singleton": "raw"}),
     ("prime", {}), ("prime", {"granularity": "whole", "clean_loo": True}),
-    ("prime", {"prm_norm": "batch_norm", "singleton": "raw", "beta": 1.0}),
+    ("prime", {"prm_norm": "none", "singleton": "raw", "beta": 1.0}), ("prime", {"prm_norm": "none"}),
     ("oprl", {}), ("oprl", {"singleton": "raw", "step_coef": 0.5, "beta": 1.0}),
+    ("oprl", {"istar_norm": "none", "beta": 0.3}),
     ("tp_grpo", {}), ("tp_grpo", {"adaptive": True, "c_pos": 1.0, "c_neg": 0.3, "singleton": "raw"}),
 ]
 

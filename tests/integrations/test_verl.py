@@ -22,9 +22,12 @@ from creditlab.batch import FIELDS, RolloutBatch  # noqa: E402
 from creditlab.integrations import verl as plugin  # noqa: E402
 from creditlab.registry import get_spec, list_estimators  # noqa: E402
 
-# Fields a test can synthesize for any estimator ([B,T] floats/bools, [B] longs); step-level fields are not.
+# Fields a test can synthesize for any estimator: [B,T] floats/bools, [B] longs, and step fields ([B,T] step ids
+# with [B,S] per-step values, S != T).
 SYNTH = {"entropies", "certainty", "token_logits", "values", "planning_mask", "strata", "logprobs",
-         "ref_logprobs", "token_rewards", "prm_logprobs", "attn_fai", "attn_waad"}
+         "ref_logprobs", "token_rewards", "prm_logprobs", "attn_fai", "attn_waad", "step_ids", "step_rewards",
+         "step_labels", "mc_values"}
+STEP_FIELDS = {"step_ids", "step_rewards", "step_labels", "mc_values"}
 
 
 def test_entry_point_is_declared():
@@ -73,8 +76,8 @@ def sample(seed: int = 0):
     group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2])
     batch = RolloutBatch(response_ids=responses, response_mask=mask, group_ids=group_ids, rewards=rewards,
                          token_rewards=token_level_rewards)
-    extras = {}
-    for name in SYNTH - {"token_rewards"}:
+    extras = steps(mask, g)
+    for name in SYNTH - {"token_rewards"} - STEP_FIELDS:
         spec = FIELDS[name]
         if spec.kind == "bool":
             extras[name] = (torch.rand(b, t, generator=g) > 0.5) & mask
@@ -83,6 +86,17 @@ def sample(seed: int = 0):
         else:
             extras[name] = torch.where(mask, torch.rand(b, t, generator=g), 0.0)
     return data, batch, extras
+
+
+def steps(mask: torch.Tensor, g: torch.Generator, S: int = 3) -> dict:
+    """Contiguous steps of about two tokens (at most S per row): step_ids [B,T], per-step values [B,S]."""
+    b, t = mask.shape
+    step_ids = torch.where(mask, (torch.arange(t) // 2).clamp_max(S - 1).expand(b, t), -1)
+    n = step_ids.max(1).values + 1
+    present = torch.arange(S) < n[:, None]  # [B,S]
+    labels = torch.where(present, torch.randint(0, 2, (b, S), generator=g), -1)
+    return {"step_ids": step_ids, "step_rewards": torch.rand(b, S, generator=g) * 2 - 1, "step_labels": labels,
+            "mc_values": torch.rand(b, S, generator=g)}
 
 
 def feedable() -> list[str]:
@@ -145,3 +159,180 @@ def test_v1_trainer_mode_is_registered():
     from verl.trainer.ppo.v1 import get_trainer_cls
 
     assert get_trainer_cls(plugin.V1_TRAINER_MODE).creditlab_hook
+
+
+def test_step_fields_are_not_masked_as_tokens_when_s_equals_t():
+    """[B,S] step rewards must reach the estimator untouched even when S happens to equal T (a holey mask used to
+    zero step 2 and 3 of row 1 in silence)."""
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 1]], dtype=torch.bool)  # row 1: two observation tokens
+    step_ids = torch.tensor([[0, 1, 2, 3, 4], [0, 1, -1, -1, 2]])
+    step_rewards = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5], [0.9, -0.8, 0.7, 0.0, 0.0]])  # S = T = 5
+    batch = RolloutBatch(response_ids=torch.arange(10).view(2, 5), response_mask=mask, group_ids=torch.zeros(2).long(),
+                         rewards=torch.tensor([1.0, 0.0]), step_ids=step_ids, step_rewards=step_rewards)
+    tlr = torch.zeros(2, 5)
+    tlr[0, 4], tlr[1, 4] = 1.0, 0.0
+    data = DataProto.from_dict(tensors={"response_mask": mask.long(), "token_level_rewards": tlr},
+                               non_tensors={"uid": np.array(["p", "p"], dtype=object)})
+    with plugin.batch_fields(response_ids=batch.response_ids, step_ids=step_ids, step_rewards=step_rewards):
+        out = verl_compute_advantage(data, adv_estimator="creditlab_sum_form", config=OmegaConf.create({}))
+    expected = get_spec("sum_form").fn(batch.replace(token_rewards=tlr * mask)).advantages
+    torch.testing.assert_close(out.batch["advantages"], expected.float())
+
+
+def test_hook_errors_name_the_estimator_plainly():
+    data, _, _ = sample()
+    with pytest.raises(ValueError, match=r"verl estimator 'creditlab_sum_form' needs.*step_ids.*creditlab_sync") as e:
+        verl_compute_advantage(data, adv_estimator="creditlab_sum_form", config=OmegaConf.create({}))
+    assert "creditlab_'" not in str(e.value)
+    with plugin.batch_fields(data), pytest.raises(ValueError, match="the trainer hook did not supply"):
+        verl_compute_advantage(data, adv_estimator="creditlab_sum_form", config=OmegaConf.create({}))
+
+
+# ---------------------------------------------------------------- the hook's own sources
+WORDS = ["a", "b", "c", "d", "e", ";"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def step_batch(tok):
+    """Responses with steps separated by ';', their reward_extra_info as a reward function would return it."""
+    from creditlab.signals.steps import split_steps
+
+    texts = ["a b ; c", "a ; b ; c d", "d e", "a b ; e ; a"]
+    ids = [tok(x, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for x in texts]
+    t = max(map(len, ids))
+    responses = torch.tensor([r + [0] * (t - len(r)) for r in ids])
+    mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in ids])
+    pieces = [[x[s:e] for s, e in split_steps(x, "regex", pattern=";")] for x in texts]  # the reward's own split
+    infos = [{"step_rewards": [len(p.split()) - 1.5 for p in row], "step_labels": ["b" in p.split() for p in row],
+              "n_calls": len(row)} for row in pieces]
+    return responses, mask, infos, pieces
+
+
+def test_signal_fields_from_reward_extra_info(tok):
+    from creditlab.integrations.verl_hook import HookConfig, signal_fields
+    from creditlab.signals.steps import pad_step_values
+
+    responses, mask, infos, _ = step_batch(tok)
+    hook = HookConfig(split="regex", pattern=";", rewards_key="step_rewards", labels_key="step_labels",
+                      row_fields={"strata": "n_calls"})
+    out = signal_fields({"step_ids", "step_rewards", "step_labels", "strata", "planning_mask", "texts"},
+                        responses, mask, tok, hook, infos)
+    assert out["step_ids"][1].tolist()[:6] == [0, -1, 1, -1, 2, 2]  # "a ; b ; c d": separators in no step
+    assert int(out["step_ids"][1, 6]) == -1  # EOS
+    torch.testing.assert_close(out["step_rewards"], pad_step_values([i["step_rewards"] for i in infos], 3))
+    assert out["step_labels"].tolist() == [[1, 0, -1], [0, 1, 0], [0, -1, -1], [1, 0, 0]]
+    assert out["strata"].tolist() == [2, 3, 1, 3]
+    assert out["texts"][0] == "a b ; c"
+    assert not bool(out["planning_mask"].any())  # no strategic gram in these texts
+    bad = [dict(i) for i in infos]
+    bad[2]["step_rewards"] = [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"reward_extra_info\['step_rewards'\].*response 2, which has 1 step"):
+        signal_fields({"step_rewards"}, responses, mask, tok, hook, bad)
+    with pytest.raises(ValueError, match="response 0 has no 'step_rewards'"):
+        signal_fields({"step_rewards"}, responses, mask, tok, hook, [{} for _ in infos])
+
+
+def test_legacy_compute_advantage_reads_step_rewards_from_non_tensor_batch(tok):
+    from creditlab.integrations.verl_hook import HookConfig, signal_fields
+
+    responses, mask, infos, _ = step_batch(tok)
+    b, t = responses.shape
+    lengths = mask.sum(1)
+    tlr = torch.zeros(b, t)
+    tlr[torch.arange(b), lengths - 1] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    data = DataProto.from_dict(tensors={"responses": responses, "response_mask": mask, "token_level_rewards": tlr},
+                               non_tensors={"uid": np.array(["p", "p", "q", "q"], dtype=object),
+                                            "step_rewards": np.array([i["step_rewards"] for i in infos], dtype=object)})
+    config = OmegaConf.create({"creditlab_steps": {"split": "regex", "pattern": ";", "rewards_key": "step_rewards"}})
+    out = plugin.compute_advantage(data, adv_estimator="creditlab_pure", config=config, tokenizer=tok)
+    made = signal_fields({"step_ids", "step_rewards"}, responses, mask, tok, HookConfig.from_algorithm(config), infos)
+    batch = RolloutBatch(response_ids=responses, response_mask=mask.bool(), group_ids=torch.tensor([0, 0, 1, 1]),
+                         rewards=tlr.sum(1), token_rewards=tlr, **made)
+    torch.testing.assert_close(out.batch["advantages"], get_spec("pure").fn(batch).advantages.float())
+    with pytest.raises(ValueError, match="tokenizer="):
+        plugin.compute_advantage(data, adv_estimator="creditlab_pure", config=config)
+
+
+def test_v1_hook_reads_transferqueue_rows(tok):
+    """`hook_fields` on what TransferQueue returns: ragged (jagged) rows and each row's extra_fields dict."""
+    from tensordict import NonTensorStack, TensorDict
+
+    from creditlab.integrations.verl_hook import HookConfig
+
+    responses, mask, infos, _ = step_batch(tok)
+    rows = [r[m.bool()] for r, m in zip(responses, mask)]
+    store = TensorDict({"responses": torch.nested.as_nested_tensor(rows, layout=torch.jagged),
+                        "response_mask": torch.nested.as_nested_tensor([torch.ones_like(r) for r in rows],
+                                                                       layout=torch.jagged),
+                        "old_log_probs": torch.nested.as_nested_tensor([-torch.rand(len(r)) for r in rows],
+                                                                       layout=torch.jagged),
+                        "extra_fields": NonTensorStack(*[{"reward_extra_info": i} for i in infos])},
+                       batch_size=[len(rows)])
+
+    class FakeTQ:
+        def kv_batch_get(self, keys, partition_id, select_fields):
+            assert keys == ["k0", "k1", "k2", "k3"] and partition_id == "train"
+            return store.select(*select_fields)
+
+    class Meta:
+        keys, partition_id = ["k0", "k1", "k2", "k3"], "train"
+
+    hook = HookConfig(split="regex", pattern=";", rewards_key="step_rewards")
+    out = plugin.hook_fields(FakeTQ(), Meta(), {"response_ids", "logprobs", "step_ids", "step_rewards"}, tok, hook)
+    assert torch.equal(out["response_ids"], responses)  # padded with 0 to the longest row, as verl pads
+    assert out["logprobs"].shape == responses.shape
+    assert out["step_rewards"].shape == (4, 3) and out["step_ids"].shape == responses.shape
+
+
+@pytest.fixture(scope="module")
+def verl_config():
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    folder = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+
+    def make(*overrides):
+        with initialize_config_dir(config_dir=folder, version_base=None):
+            return compose("ppo_trainer", overrides=list(overrides))
+
+    return make
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["algorithm.adv_estimator=creditlab_sum_form"], r"step_rewards.*creditlab_steps=\{split: newline, rewards_key"),
+    (["algorithm.adv_estimator=creditlab_tp_grpo", "+algorithm.creditlab_steps={rewards_key: s}"], "labels_key"),
+    (["algorithm.adv_estimator=creditlab_gae"], "critic.enable=True"),
+    (["algorithm.adv_estimator=creditlab_prime"], r"prm_logprobs.*batch_fields\(prm_logprobs=.*use_kl_loss=True"),
+    (["algorithm.adv_estimator=creditlab_stratified"], r"creditlab_row_fields=\{strata: <key>\}"),
+    (["algorithm.adv_estimator=creditlab_tempo", "+algorithm.creditlab_kwargs={tdcoef: 1}"],
+     r"creditlab_kwargs: estimator 'tempo' has no hyper-parameter 'tdcoef'"),
+    (["algorithm.adv_estimator=creditlab_grpo", "+algorithm.creditlab_kwargs={singleton: bogus}"], "singleton"),
+    (["algorithm.adv_estimator=creditlab_capo", "+algorithm.creditlab_kwargs={w_whole: 1.0, w_process: 2.0}",
+      "+algorithm.creditlab_steps={rewards_key: s}"], "creditlab_kwargs for estimator 'capo'.*w_whole > w_process"),
+    (["algorithm.adv_estimator=creditlab_nope"], "no creditlab estimator 'nope'"),
+    (["algorithm.adv_estimator=creditlab_pure", "+algorithm.creditlab_steps={split: lines}"], "split mode 'lines'"),
+])
+def test_check_config_fails_at_trainer_start(verl_config, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        plugin.check_config(verl_config(*overrides))
+
+
+def test_check_config_accepts_what_the_hook_can_supply(verl_config):
+    ok = [["algorithm.adv_estimator=creditlab_tempo"], ["algorithm.adv_estimator=grpo"],
+          ["algorithm.adv_estimator=creditlab_sum_form", "+algorithm.creditlab_steps={rewards_key: step_rewards}"],
+          ["algorithm.adv_estimator=creditlab_gae", "critic.enable=True"],
+          ["algorithm.adv_estimator=creditlab_hicra"],
+          ["algorithm.adv_estimator=creditlab_stratified", "+algorithm.creditlab_row_fields={strata: n_calls}"]]
+    for overrides in ok:
+        plugin.check_config(verl_config(*overrides))

@@ -22,7 +22,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vs_trl.py"
 def test_tiny_one_step_writes_a_complete_report(tmp_path):
     out = tmp_path / "vs_trl.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--warmup", "0", "--threads", "1",
-                           "--profile", "--profile-top", "5", "--out", str(out), "--work-dir", str(tmp_path / "w")],
+                           "--precision", "fp32", "--device", "cpu", "--profile", "--profile-top", "5",
+                           "--out", str(out), "--work-dir", str(tmp_path / "w")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -33,6 +34,9 @@ def test_tiny_one_step_writes_a_complete_report(tmp_path):
         assert len(r["step_s"]) == 1 and len(r["rollout_s"]) == 1
         assert math.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0
         assert 0.0 <= r["final_accuracy"] <= 1.0
+        assert len(r["peak_mb"]) == 1 and r["peak_mb"][0] > 0  # each step's peak memory, measured the same way
+    assert list(report["pairs"]) == ["fp32"] and report["pairs"]["fp32"]["precision"]["trl_bf16"] is False
+    assert report["meta"]["environment"]["cpu"]["model"]  # the record names the CPU
     assert report["creditlab"]["initial_accuracy"] is not None
     assert math.isfinite(report["ratio_samples_per_s"]) and report["ratio_samples_per_s"] > 0
     assert "rl_step" in report["profile"]  # the profiled call is creditlab's step

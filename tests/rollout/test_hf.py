@@ -189,3 +189,42 @@ def test_top_p_keeps_the_smallest_covering_set():
     probs = torch.tensor([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0]])
     assert torch.equal(_top_p_filter(probs, 0.6), torch.tensor([[0.0, 0.5, 0.3], [1.0, 0.0, 0.0]]))
     assert torch.equal(_top_p_filter(probs, 0.01), torch.tensor([[0.0, 0.5, 0.0], [1.0, 0.0, 0.0]]))
+
+
+def test_dropping_finished_rows_keeps_greedy_decoding_and_its_signals(tiny):
+    """Greedy decoding does not touch the RNG: with and without compaction of finished rows it must give the same
+    tokens, mask and per-token signals (up to the float noise of a smaller matmul batch)."""
+    from creditlab.rollout.hf import sample_tokens
+
+    p, eos = tiny, tiny.tokenizer.eos_token_id
+
+    def stop_sometimes(module, args, out):  # EOS becomes the argmax where a hidden feature is large: ragged ends
+        out = out.clone()
+        out[..., eos] += 50.0 * (args[0][..., 0] > 1.0)
+        return out
+
+    handle = p.model.lm_head.register_forward_hook(stop_sometimes)
+    try:
+        ids, mask = p.encode_prompts(_prompts(p) * 3)
+        cfg = SamplingConfig(temperature=0.0, max_new_tokens=24)
+        outs = [sample_tokens(p.model, ids, mask, cfg, generator=torch.Generator().manual_seed(0),
+                              stop_ids=p.stop_ids, pad_id=p.tokenizer.pad_token_id, compact=c)
+                for c in (0.0, 1.0)]  # never / at every stop
+    finally:
+        handle.remove()
+    plain, compacted = outs
+    assert len(set(plain.mask.sum(1).tolist())) > 1  # rows do finish at different steps
+    assert torch.equal(plain.tokens, compacted.tokens) and torch.equal(plain.mask, compacted.mask)
+    for a, b in zip((plain.logprobs, plain.entropies, plain.certainty), (compacted.logprobs, compacted.entropies,
+                                                                         compacted.certainty)):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_sampling_with_compaction_matches_the_scored_logprobs(eos_prone):
+    p = eos_prone
+    batch = generate(p, _prompts(p), 4, SamplingConfig(max_new_tokens=20), seed=5).validate()
+    assert len(set(batch.response_mask.sum(1).tolist())) > 1
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(p.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                    batch.response_mask)
+    assert torch.allclose(logp, batch.logprobs, atol=1e-4)  # every row's tokens and signals stay in place

@@ -305,7 +305,9 @@ def test_one_update_separates_correct_from_wrong(rollout, mode):
     policy, batch, ctx = rollout
     before = [p.detach().clone() for p in policy.model.parameters()]
     scorer = ImplicitPRMScorer(policy, mode=mode, lr=1e-3)
-    assert scorer.score_steps(batch, ctx).abs().max().item() == 0.0
+    # prime: pi_ref is a frozen copy, q == 0 exactly; oprl: pi_ref is the rollout policy (batch.logprobs from
+    # sampling at temperature 1), equal to pi_phi up to the sampler's float noise
+    assert scorer.score_steps(batch, ctx).abs().max().item() <= (0.0 if mode == "prime" else 1e-5)
     logs = scorer.update(batch, ctx)
     assert math.isfinite(logs["implicit/loss"]) and logs["implicit/grad_norm"] > 0
     prm_logp, ref_logp = scorer.logprobs(batch)
@@ -318,3 +320,26 @@ def test_one_update_separates_correct_from_wrong(rollout, mode):
     assert all(torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))  # the policy is untouched
     if mode == "oprl":
         assert logs["implicit/pairs"] == 8  # 2 successes x 2 failures in each of the two groups
+
+
+def test_oprl_scorer_divides_by_the_rollout_policy(rollout):
+    """iStar (ref_path=null): q = log pi_phi - batch.logprobs (old policy), no frozen model, no ref_logprobs."""
+    policy, batch, ctx = rollout
+    scorer = ImplicitPRMScorer(policy, mode="oprl")
+    assert scorer.reference == "old_policy" and scorer.ref is None
+    shifted = batch.replace(logprobs=torch.where(batch.response_mask, batch.logprobs - 0.5, 0.0))
+    out = produce_step_signals(shifted, scorer, ctx)
+    assert out.ref_logprobs is None
+    n_tok = torch.stack([((batch.step_ids == k) & batch.response_mask).sum(1) for k in range(2)], 1)  # [B,2]
+    # q = prm - (logprobs - .5) = (prm - logprobs) + .5 ~ .5 per token -> rho_k ~ beta * .5 * tokens(k)
+    torch.testing.assert_close(out.step_rewards, 0.05 * 0.5 * n_tok.float(), atol=1e-5, rtol=0)
+    _, ref_logp = scorer.logprobs(shifted)
+    assert torch.equal(ref_logp, shifted.logprobs)
+    with pytest.raises(ValueError, match="logprobs"):
+        scorer.score_steps(batch.replace(logprobs=None), ctx)
+    frozen = ImplicitPRMScorer(policy, mode="oprl", reference="frozen")  # iStar with ref_path set
+    assert frozen.ref is not None and produce_step_signals(shifted, frozen, ctx).ref_logprobs is not None
+    with pytest.raises(ValueError, match="reference='frozen'"):
+        ImplicitPRMScorer(policy, mode="oprl", ref_model=policy)
+    with pytest.raises(ValueError, match="reference"):
+        ImplicitPRMScorer(policy, mode="prime", reference="old")

@@ -13,6 +13,7 @@ import torch
 from creditlab.cli import main
 from creditlab.policy import load_policy
 from creditlab.train.loop import TrainState, load_checkpoint, save_checkpoint
+from creditlab.train.rundir import open_run_dir
 
 TINY = ["--task", "arith_chain", "--task-kwargs", '{"n_steps": 2}', "--policy", "tiny",
         "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "24", "--eval-problems", "8",
@@ -112,7 +113,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 KILL_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from creditlab.train.loop import TrainState, save_checkpoint
+from creditlab.train.checkpoint import TrainState, save_checkpoint  # torch only: starts fast
 model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
 optim = torch.optim.AdamW(model.parameters())
 step = 0
@@ -129,9 +130,10 @@ def test_sigkill_mid_checkpoint_never_leaves_an_unreadable_checkpoint(tmp_path):
         run_dir = tmp_path / f"r{i}"
         run_dir.mkdir()
         proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(run_dir)])
-        deadline = time.time() + 30
+        deadline = time.time() + 120  # a loaded machine can take long to start the process
         while not (run_dir / "latest").exists() and time.time() < deadline:
             time.sleep(0.05)
+        assert (run_dir / "latest").exists(), "the writer published no checkpoint in time"
         time.sleep(0.05 + 0.13 * i)  # land at different points of the write
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -139,3 +141,5 @@ def test_sigkill_mid_checkpoint_never_leaves_an_unreadable_checkpoint(tmp_path):
         state = load_checkpoint(run_dir, model, torch.optim.AdamW(model.parameters()))
         assert state.step >= 1
         assert float(model[0].weight[0, 0].detach()) == float(state.step)  # the weights belong to that step
+        open_run_dir(run_dir).close()  # what `train` does on start: no temporary file of the killed writer is left
+        assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".lock"]

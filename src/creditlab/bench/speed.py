@@ -1,7 +1,8 @@
 """`creditlab speed`: every registered estimator against its loop reference, and against a training step.
 
 For each size B×T (default 64×512, 128×1024, 512×4096) and each registered estimator (whatever is registered
-at run time), in one process on CPU:
+at run time), in one process on `--device` (default: cuda when present, else cpu; loop references always run on
+the CPU, as they are plain Python):
 
     vectorized  the checked estimator `get_estimator(name)(batch)` (validation + math, what a trainer pays),
                 best of a few repetitions;
@@ -115,6 +116,11 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------------------ timing
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # GPU work is asynchronous: time it to completion
+
+
 def best_time(fn: Callable[[], object], *, min_time: float = 0.2, max_reps: int = 10) -> float:
     """Best wall time (s) of `fn()` over at least 2 repetitions (the first warms up), more until `min_time` has
     passed, at most `max_reps`."""
@@ -123,6 +129,7 @@ def best_time(fn: Callable[[], object], *, min_time: float = 0.2, max_reps: int 
     while len(times) < max_reps and (len(times) < 2 or time.perf_counter() - start < min_time):  # >= 2: warm-up
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -169,15 +176,16 @@ class _LocalLM(torch.nn.Module):
         return self.head(self.body(self.embed(ids), mask=causal, is_causal=True))  # [b, T, V]
 
 
-def reference_model(T: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, str]:
+def reference_model(T: int, device: torch.device | str = "cpu") -> tuple[Callable[[torch.Tensor], torch.Tensor], int,
+                                                                        str]:
     """(ids [b,T] -> logits [b,T,V], V, label): the tiny policy, else a local torch transformer of its size."""
     try:
         from creditlab.policy import load_policy
 
-        model = load_policy("tiny", max_positions=max(T, 1024)).model
+        model = load_policy("tiny", max_positions=max(T, 1024), device=device).model
         return (lambda ids: model(input_ids=ids).logits), int(model.config.vocab_size), "tiny policy (2L, d=128)"
     except Exception as e:  # any failure to build the policy falls back to a local model
-        local = _LocalLM()
+        local = _LocalLM().to(device)
         return local, 128, f"local torch transformer (2L, d=128; tiny policy unavailable: {type(e).__name__})"
 
 
@@ -191,7 +199,7 @@ def time_step(batch: RolloutBatch, forward: Callable[[torch.Tensor], torch.Tenso
     m = max(1, min(batch.B, step_tokens // batch.T))
     ids = batch.response_ids[:m] % vocab  # [m, T]
     mask = batch.response_mask[:m, 1:].float()  # [m, T-1]
-    adv = torch.randn(m, batch.T - 1, generator=torch.Generator().manual_seed(0))  # [m, T-1]
+    adv = torch.randn(m, batch.T - 1, generator=torch.Generator().manual_seed(0)).to(ids.device)  # [m, T-1]
 
     def step() -> None:
         logits = forward(ids)  # [m, T, V]
@@ -233,8 +241,9 @@ class SpeedRow:
         return self.checked_s / (self.checked_s + self.step_s)
 
 
-def _bench_one(name: str, batch: RolloutBatch, loop_budget: float, min_time: float) -> dict:
-    """SpeedRow fields of one estimator on one batch (times, loop rows, note)."""
+def _bench_one(name: str, batch: RolloutBatch, loop_budget: float, min_time: float,
+               cpu_batch: RolloutBatch | None = None) -> dict:
+    """SpeedRow fields of one estimator on one batch (times, loop rows, note); the loop runs on `cpu_batch`."""
     from creditlab.credit.loops import LOOPS
     from creditlab.registry import get_spec
 
@@ -248,14 +257,15 @@ def _bench_one(name: str, batch: RolloutBatch, loop_budget: float, min_time: flo
     out = {"vectorized_s": raw, "checked_s": checked, "loop_s": None, "loop_rows": 0, "note": ""}
     if name not in LOOPS:
         return out | {"note": "no loop reference"}
-    out["loop_s"], out["loop_rows"] = time_loop(LOOPS[name], batch, loop_budget)
+    out["loop_s"], out["loop_rows"] = time_loop(LOOPS[name], cpu_batch or batch, loop_budget)
     return out
 
 
 def run_speed_bench(sizes: Sequence[tuple[int, int]], *, estimators: Sequence[str] | None = None,
                     loop_budget: float = 10.0, step_tokens: int = 8192, min_time: float = 0.2, seed: int = 0,
-                    with_step: bool = True, log: Callable[[str], None] | None = None) -> tuple[list[SpeedRow], str]:
-    """Time every estimator (default: all registered) at every size; returns (rows, reference step label)."""
+                    with_step: bool = True, log: Callable[[str], None] | None = None,
+                    device: torch.device | str = "cpu") -> tuple[list[SpeedRow], str]:
+    """Time every estimator (default: all registered) at every size on `device`; returns (rows, step label)."""
     from creditlab.registry import list_estimators
 
     names = list(estimators) if estimators else list_estimators()
@@ -265,14 +275,15 @@ def run_speed_bench(sizes: Sequence[tuple[int, int]], *, estimators: Sequence[st
     rows: list[SpeedRow] = []
     label = "none"
     for B, T in sizes:
-        batch = realistic_batch(B, T, seed=seed)
+        cpu_batch = realistic_batch(B, T, seed=seed)
+        batch = cpu_batch.to(device)
         step_s, step_rows = None, 0
         if with_step:
-            forward, vocab, label = reference_model(T)
+            forward, vocab, label = reference_model(T, device)
             step_s, step_rows = time_step(batch, forward, vocab, step_tokens)
         for name in names:
             rows.append(SpeedRow(name, B, T, step_s=step_s, step_rows=step_rows,
-                                 **_bench_one(name, batch, loop_budget, min_time)))
+                                 **_bench_one(name, batch, loop_budget, min_time, cpu_batch)))
             if log is not None:
                 log(format_table([rows[-1]]).splitlines()[-1])
     return rows, label
@@ -313,16 +324,16 @@ def format_table(rows: Sequence[SpeedRow], *, markdown: bool = False) -> str:
     return "\n".join([line(HEADER), "-" * len(line(HEADER))] + [line(c) for c in cells])
 
 
-def environment() -> str:
-    """One line: torch version, threads, CPU, git commit (results record where they were measured)."""
+def environment(device: torch.device | str = "cpu") -> str:
+    """One line: torch version, device (CPU model and flags, GPU name), threads, git commit."""
+    from creditlab.device import describe
+
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or "?"
     except (OSError, subprocess.SubprocessError):
         commit = "?"
-    cpu = platform.processor() or platform.machine()
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
-            f"python {platform.python_version()}, commit {commit}")
+    return f"torch {torch.__version__}, {describe(device)}, python {platform.python_version()}, commit {commit}"
 
 
 def notes(step_label: str, loop_budget: float, step_tokens: int) -> str:
@@ -347,6 +358,7 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-step", action="store_true", help="skip the reference training step")
     parser.add_argument("--min-time", type=float, default=0.2, help="repeat vectorized calls for at least this long")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda[:N]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
@@ -361,15 +373,19 @@ def run_speed(args: argparse.Namespace) -> int:
     """`creditlab speed`: run the benchmark and print the table."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    from creditlab.device import device_info, resolve_device
+
+    device = resolve_device(args.device)
     names = [n.strip() for n in args.estimators.split(",") if n.strip()] or None
     rows, label = run_speed_bench(parse_sizes(args.sizes), estimators=names, loop_budget=args.loop_budget,
                                   step_tokens=args.step_tokens, min_time=args.min_time, seed=args.seed,
-                                  with_step=not args.no_step, log=None if args.quiet else _progress)
+                                  with_step=not args.no_step, log=None if args.quiet else _progress, device=device)
     print(format_table(rows, markdown=args.markdown))
     print(("\n" if args.markdown else "") + notes(label, args.loop_budget, args.step_tokens))
-    print(("\n" if args.markdown else "") + f"measured with {environment()}")
+    print(("\n" if args.markdown else "") + f"measured with {environment(device)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": environment(), "step": label,
+        Path(args.json).write_text(json.dumps({"environment": environment(device), "device": device_info(device),
+                                               "step": label,
                                                "rows": [asdict(r) | {"ratio": r.ratio, "share": r.share}
                                                         for r in rows]}, indent=2))
     return 0

@@ -11,7 +11,7 @@ from creditlab.credit.outcome import group_advantage
 from creditlab.registry import estimator
 
 
-@estimator("stratified", needs=("strata",))
+@estimator("stratified", needs=("strata",), ranges={"alpha": "[0, 1]", "eps": "[0, inf)"})
 def stratified(batch: RolloutBatch, *, alpha: float = 1.0, eps: float = 1e-6, within_group: bool = True,
                singleton: Singleton = "zero") -> Credit:
     """Stratified GRPO: Stratified Advantage Normalization (SAN), blended with ordinary GRPO.
@@ -24,14 +24,12 @@ def stratified(batch: RolloutBatch, *, alpha: float = 1.0, eps: float = 1e-6, wi
       A^SAN_b = (R_b - mu_k) / (sigma_k + eps), sigma unbiased;  A^GN_b = GRPO advantage over the prompt group;
       a_b = alpha A^SAN_b + (1 - alpha) A^GN_b;  A[b,t] = a_b m[b,t].
     Defaults: alpha = 1.0 (pure SAN, the third-party config's value). The paper blends SAN with the global
-    estimator "for finite-sample stability" but its tuned alpha was not verifiable here: reconstructed,
-    keep it configurable. eps = 1e-6 (as creditlab's GRPO; the third party uses 1e-8).
+    estimator "for finite-sample stability" but its tuned alpha was not verifiable here (re-checked for issue 11):
+    reconstructed, keep it configurable. eps = 1e-6 (as creditlab's GRPO; the third party uses 1e-8).
     Deviations: a single-member cell gets A^SAN = 0 (the unbiased std is undefined; the third party
     produces NaN) and a zero-variance cell gets exactly 0; `singleton` applies to the GRPO (A^GN) part only.
     Metric credit/singleton_stratum_frac: fraction of rows alone in their cell.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"stratified needs 0 <= alpha <= 1, got {alpha}")
     strata = batch.strata
     if within_group:
         cells = torch.unique(torch.stack([batch.group_ids, strata], 1), dim=0, return_inverse=True)[1]  # [B]

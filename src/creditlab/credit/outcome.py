@@ -50,7 +50,7 @@ def _sequence_credit(batch: RolloutBatch, a: Tensor) -> Credit:
     return Credit(advantages=adv, metrics=advantage_metrics(adv, batch.response_mask))
 
 
-@estimator("grpo")
+@estimator("grpo", ranges={"eps": "[0, inf)"})
 def grpo(batch: RolloutBatch, *, eps: float = 1e-6, scale_by_std: bool = True, unbiased: bool = True,
          singleton: Singleton = "zero") -> Credit:
     """GRPO: group-standardized outcome, copied onto every token.
@@ -103,7 +103,7 @@ def rloo(batch: RolloutBatch, *, singleton: Singleton = "zero") -> Credit:
     return _sequence_credit(batch, a)
 
 
-@estimator("reinforce_pp")
+@estimator("reinforce_pp", ranges={"eps": "(0, inf)"})
 def reinforce_pp(batch: RolloutBatch, *, singleton: Singleton = "zero", eps: float = 1e-8) -> Credit:
     """REINFORCE++-baseline: subtract the group mean, then whiten over all valid tokens of the batch.
 
@@ -122,7 +122,7 @@ def reinforce_pp(batch: RolloutBatch, *, singleton: Singleton = "zero", eps: flo
     return Credit(advantages=adv, metrics=advantage_metrics(adv, batch.response_mask))
 
 
-@estimator("gae", needs=("token_rewards", "values"))
+@estimator("gae", needs=("token_rewards", "values"), ranges={"gamma": "[0, 1]", "lam": "[0, 1]"})
 def gae(batch: RolloutBatch, *, gamma: float = 1.0, lam: float = 1.0, whiten: bool = True) -> Credit:
     """PPO's generalized advantage estimation over token rewards and critic values.
 
@@ -137,8 +137,6 @@ def gae(batch: RolloutBatch, *, gamma: float = 1.0, lam: float = 1.0, whiten: bo
     discounted reverse cumsum (chunked scan), then scattered back. Rewards on masked tokens are ignored,
     as in verl.
     """
-    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
-        raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
     mask = batch.response_mask
     order, cmask = compact_left(mask)  # [B,T]
     r = batch.token_rewards.to(torch.float64).gather(1, order) * cmask

@@ -22,12 +22,6 @@ from creditlab.registry import estimator
 _F64 = torch.float64
 
 
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"HICRA needs 0 <= alpha < 1 (alpha >= 1 flips the sign of negative advantages on "
-                         f"planning tokens: A + alpha|A| = (1 - alpha) A for A < 0), got alpha={alpha}")
-
-
 def _shaped_credit(batch: RolloutBatch, adv64: Tensor, shaped: Tensor, **extra: float) -> Credit:
     mask = batch.response_mask
     adv = torch.where(mask, adv64, torch.zeros((), dtype=_F64)).to(torch.float32)
@@ -37,7 +31,7 @@ def _shaped_credit(batch: RolloutBatch, adv64: Tensor, shaped: Tensor, **extra: 
 
 
 # ------------------------------------------------------------------------------------------------ HICRA
-@estimator("hicra", needs=("planning_mask",))
+@estimator("hicra", needs=("planning_mask",), ranges={"alpha": "[0, 1)", "eps": "[0, inf)"})
 def hicra(batch: RolloutBatch, *, alpha: float = 0.2, eps: float = 1e-6, scale_by_std: bool = True,
           singleton: Singleton = "zero") -> Credit:
     """HICRA (paper form): amplify credit on planning tokens, A^H = A + alpha |A| on tokens in S_i.
@@ -48,12 +42,12 @@ def hicra(batch: RolloutBatch, *, alpha: float = 0.2, eps: float = 1e-6, scale_b
     i.e. positive credit x(1+alpha), blame x(1-alpha) on planning tokens. 0 outside response_mask.
     Defaults: alpha = 0.2 (paper); GRPO eps = 1e-6, std-normalised (the paper writes A = R - mean; set
     `scale_by_std=False` for that form).
-    Deviations: alpha must lie in [0, 1) (validated) so no sign ever flips. planning_mask comes from
+    Deviations: alpha must lie in [0, 1) (a registry range: alpha >= 1 would flip the sign of negative
+    advantages, A + alpha|A| = (1 - alpha) A for A < 0). planning_mask comes from
     `creditlab.signals.strategic` (strategic grams matched on decoded text); the paper's n-gram clustering
     is replaced by a curated gram list. The mask is combined into one [B,T] tensor (no chained indexing).
     Metric credit/shaped_frac: fraction of valid tokens that are planning tokens.
     """
-    _check_alpha(alpha)
     a = group_advantage(batch.rewards, batch.group_ids, scale_by_std=scale_by_std, eps=eps, singleton=singleton)
     base = broadcast(a, batch.response_mask, _F64)  # [B,T]
     plan = batch.planning_mask & batch.response_mask  # [B,T]
@@ -61,38 +55,41 @@ def hicra(batch: RolloutBatch, *, alpha: float = 0.2, eps: float = 1e-6, scale_b
     return _shaped_credit(batch, adv, plan)
 
 
-def _row_quantile(x: Tensor, mask: Tensor, q: float) -> Tensor:
-    """Per-row quantile of x over its valid entries, linear interpolation (torch.quantile's default). [B]"""
+def port_threshold(x: Tensor, mask: Tensor, top_frac: float) -> Tensor:
+    """The TRL port's per-row threshold [B]: row b's valid values sorted ascending, taken at index
+    int((1 - top_frac) * n_b) clamped to [0, n_b - 1] (`_topk_threshold`); 0 for a row with no valid value."""
     big = torch.finfo(_F64).max
     xs = torch.where(mask, x.to(_F64), big).sort(dim=1).values  # [B,T]: valid values first, ascending
     n = mask.sum(1)  # [B]
-    pos = q * (n - 1).clamp_min(0).to(_F64)
-    lo, hi = pos.floor().long(), pos.ceil().long()
-    v_lo, v_hi = xs.gather(1, lo[:, None])[:, 0], xs.gather(1, hi[:, None])[:, 0]
-    return torch.where(n > 0, v_lo + (pos - lo) * (v_hi - v_lo), torch.zeros_like(pos))
+    # (1 - k) * n in float64 then truncation toward zero: Python's int((1 - k) * len(values)), bit for bit
+    idx = torch.floor((1.0 - top_frac) * n.to(_F64)).long()
+    idx = torch.minimum(idx.clamp_min(0), (n - 1).clamp_min(0))
+    tau = xs.gather(1, idx[:, None])[:, 0] if xs.shape[1] else torch.zeros(n.shape, dtype=_F64)
+    return torch.where(n > 0, tau, torch.zeros_like(tau))
 
 
-@estimator("hicra_entropy", needs=("entropies",))
+@estimator("hicra_entropy", needs=("entropies",),
+           ranges={"alpha": "[0, 1)", "top_frac": "(0, 1]", "eps": "[0, inf)"})
 def hicra_entropy(batch: RolloutBatch, *, alpha: float = 0.2, top_frac: float = 0.3, length_gate: bool = True,
                   eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:
     """HICRA entropy-proxy variant (TRL port): boost high-entropy tokens of long correct responses.
 
-    Source: huggingface/trl `trl/trainer/hicra_trainer.py` (a port that says it follows the authors' training
-    code; methods.md §5.1). Shapes: entropies [B,T] -> advantages [B,T].
-    Formula: tau_b = (1 - top_frac) quantile of row b's valid-token entropies (linear interpolation);
-    a row is touched iff a_b > 0 and (if `length_gate`) L_b > mean length of its group;
-    A[b,t] = a_b (1 + alpha) at touched rows' tokens with H[b,t] > tau_b, else a_b.
+    Source: huggingface/trl `trl/trainer/hicra_trainer.py` (`_topk_threshold`, `modify_advantages_hicra`; a port
+    that says it follows the authors' verl code; methods.md §5.1). Shapes: entropies [B,T] -> advantages [B,T].
+    Formula: tau_b = sorted(H_b)[int((1 - top_frac) n_b)] over row b's n_b valid-token entropies (the port's
+    index, clamped to n_b - 1; not an interpolated quantile); a row is touched iff a_b > 0 and (if
+    `length_gate`) L_b > mean length of its group; A[b,t] = a_b (1 + alpha) at touched rows' tokens with
+    H[b,t] > tau_b (strict), else a_b.
+    Hand case (tests): H = 0..9, k = 0.3 -> tau = sorted(H)[7] = 7, tokens 8 and 9 boosted (2 of 10; an
+    interpolated 0.7-quantile, 6.3, would boost 3).
     Defaults: alpha = 0.2, top_frac (k) = 0.3, length_gate = True (port behaviour).
     Deviations: this is not the paper's formula (use `hicra` with a strategic-gram planning_mask for that);
     the port's union with a planning mask is not offered here, because `needs` is static: combine masks
-    upstream and call `hicra`. alpha must lie in [0, 1).
+    upstream and call `hicra`. alpha must lie in [0, 1) (the port does not check).
     """
-    _check_alpha(alpha)
-    if not 0.0 < top_frac <= 1.0:
-        raise ValueError(f"top_frac must be in (0, 1], got {top_frac}")
     mask = batch.response_mask
     a = group_advantage(batch.rewards, batch.group_ids, eps=eps, singleton=singleton)  # [B]
-    tau = _row_quantile(batch.entropies, mask, 1.0 - top_frac)  # [B]
+    tau = port_threshold(batch.entropies, mask, top_frac)  # [B]
     row_ok = a > 0
     if length_gate:
         length = mask.sum(1).to(_F64)
@@ -139,10 +136,43 @@ def _h2(p: Tensor) -> Tensor:
     return plogp(p) + plogp(1 - p)
 
 
-def _table_scores(a: Tensor, b: Tensor, n_c: Tensor, n_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(F, IG, h) for contingency tables (float64 [P]); all depend on the table only."""
-    p, is_one = fisher_exact_two_sided(a, b, n_c, n_w)
-    fisher = torch.where(is_one, torch.zeros_like(p), torch.exp(-2.0 * p))
+def fisher_p_reference_float32(a: Tensor, b: Tensor, n_c: Tensor, n_w: Tensor, n_cols: Tensor) -> Tensor:
+    """The KTAE reference's Fisher p-value, float32 arithmetic reproduced op for op ([P] float32).
+
+    xiaolizh1/KTAE `compute_key_tokens.fisher_exact_test` evaluates each group's tables on one grid of
+    `max_k + 1` columns (max_k the group's largest min(a + b, n_c)), keeps pmf(k) <= pmf(observed) with no
+    tolerance and sums in float32, so a p = 1 table often sums to 1 - 6e-8 (then F = exp(-2p) ~ 0.135 instead of
+    0). `n_cols` [P] is that grid width of each table's group; tables are batched by grid width, and a row sum
+    over a [rows, K] float32 tensor does not depend on the number of rows (checked in the tests).
+    """
+    out = torch.zeros(a.shape, dtype=torch.float32)
+    for width in torch.unique(n_cols).tolist():  # a handful of distinct widths (group sizes)
+        sel = (n_cols == width).nonzero(as_tuple=True)[0]
+        ta, tb = a[sel].float(), b[sel].float()
+        tc, td = n_c[sel].float() - ta, n_w[sel].float() - tb
+        r1, c1 = ta + tb, ta + tc
+        n = r1 + (tc + td)
+        k_min = torch.maximum(torch.zeros((), dtype=torch.float32), r1 + c1 - n)
+        k_max = torch.minimum(r1, c1)
+        k = torch.arange(width, dtype=torch.float32).expand(sel.numel(), width)
+        on = (k >= k_min[:, None]) & (k <= k_max[:, None])
+        log_p_k = _log_comb(c1[:, None], k) + _log_comb((n - c1)[:, None], r1[:, None] - k) - _log_comb(n, r1)[:, None]
+        p_k = torch.exp(log_p_k) * on.float()
+        p_obs = torch.exp(_log_comb(c1, ta) + _log_comb(n - c1, r1 - ta) - _log_comb(n, r1))
+        out[sel] = torch.where((p_k <= p_obs[:, None]) & on, p_k, torch.zeros((), dtype=torch.float32)).sum(dim=1)
+    return out
+
+
+def _table_scores(a: Tensor, b: Tensor, n_c: Tensor, n_w: Tensor,
+                  ref_cols: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(F, IG, h) for contingency tables (float64 [P]); all depend on the table only (and, for the reference's
+    float32 Fisher sum, `ref_cols`, the grid width of the table's group)."""
+    if ref_cols is None:
+        p, is_one = fisher_exact_two_sided(a, b, n_c, n_w)
+        fisher = torch.where(is_one, torch.zeros_like(p), torch.exp(-2.0 * p))
+    else:
+        p32 = fisher_p_reference_float32(a, b, n_c, n_w, ref_cols)
+        fisher = torch.where(p32 != 1.0, torch.exp(-2 * p32), torch.zeros((), dtype=torch.float32)).to(_F64)
     n, present = n_c + n_w, a + b
     absent = n - present
     h_y_x = (present / n * torch.where(present > 0, _h2(a / present.clamp_min(1)), torch.zeros_like(a))
@@ -160,90 +190,116 @@ def _bm25_tf(count: Tensor, total: Tensor, other_total: Tensor, k1: float, b: fl
     return f * (k1 + 1) / (f + k_side)
 
 
+def _token_pairs(batch: RolloutBatch, gi: Tensor, correct: Tensor) -> dict[str, Tensor]:
+    """Every valid token grouped into (group, token id) pairs, memory O(valid tokens).
+
+    Returns rows/cols [N] of the valid tokens in pair order, pair [N] (pair index of each), g_p / v_p [P] (group
+    and token id of each pair), and per pair: cnt_c / cnt_w (occurrences on the correct / wrong side) and
+    pres_c / pres_w (rows containing the token on each side).
+    """
+    rows, cols = batch.response_mask.nonzero(as_tuple=True)  # [N], row-major: rows ascending
+    vocab, tok = torch.unique(batch.response_ids[rows, cols], return_inverse=True)  # dense ids: any int64 id
+    pair_key = gi[rows] * vocab.numel() + tok  # [N] < B * N: no overflow
+    pair_key, order = torch.sort(pair_key, stable=True)  # stable: rows stay ascending inside a pair
+    rows, cols = rows[order], cols[order]
+    new_pair = torch.ones_like(pair_key, dtype=torch.bool)
+    new_pair[1:] = pair_key[1:] != pair_key[:-1]
+    new_row = new_pair.clone()
+    new_row[1:] |= rows[1:] != rows[:-1]  # first occurrence of the token in its row
+    pair = new_pair.cumsum(0) - 1  # [N]
+    n_pairs = int(pair[-1]) + 1
+    is_c = correct[rows].to(_F64)  # [N]
+
+    def per_pair(values: Tensor, index: Tensor) -> Tensor:
+        return torch.zeros(n_pairs, dtype=_F64).index_add_(0, index, values)
+
+    keys = pair_key[new_pair]  # [P]
+    return {"rows": rows, "cols": cols, "pair": pair, "g_p": keys // vocab.numel(),
+            "v_p": vocab[keys % vocab.numel()],
+            "cnt_c": per_pair(is_c, pair), "cnt_w": per_pair(1 - is_c, pair),
+            "pres_c": per_pair(is_c[new_row], pair[new_row]), "pres_w": per_pair(1 - is_c[new_row], pair[new_row])}
+
+
 def ktae_token_weights(batch: RolloutBatch, *, alpha: float = 1.0, beta: float = 1.0, gamma_tf: float = 1.0,
                        top: float = 1.0, k1: float = 2.0, b: float = 0.5, tf_eps: float = 1e-5,
-                       correct_threshold: float = 0.0, ignore_token_ids: tuple[int, ...] = ()) -> Tensor:
+                       correct_threshold: float = 0.0, ignore_token_ids: tuple[int, ...] = (),
+                       zero_last_token: bool = True, reference_float32: bool = False) -> Tensor:
     """KTAE's additive key-token weight w(group, token id), written on every valid token: [B,T] float64.
 
-    Vectorized over (group, token id) pairs with a single sort of the valid tokens by (group, token, row):
-    runs of equal (group, token) are the pairs, runs of equal (group, token, row) give presence. The table
-    statistics (F, IG, h) are computed once per *distinct* (group, a, b) table and gathered back.
+    Vectorized over (group, token id) pairs with one stable sort of the valid tokens (`_token_pairs`); the table
+    statistics (F, IG, h) are computed once per *distinct* table and gathered back. Memory is linear in the
+    number of valid tokens (plus the Fisher grid of the distinct tables, evaluated in bounded chunks).
     """
     mask = batch.response_mask
-    n_rows = mask.shape[0]
+    out = torch.zeros(mask.shape, dtype=_F64)
+    if not bool(mask.any()):
+        return out
     gi, n_groups = group_index(batch.group_ids)  # [B]
     correct = batch.rewards.to(_F64) > correct_threshold  # [B]
-    n_all = torch.zeros(n_groups, dtype=_F64).index_add_(0, gi, torch.ones(n_rows, dtype=_F64))
+    ones = torch.ones(batch.B, dtype=_F64)
+    n_all = torch.zeros(n_groups, dtype=_F64).index_add_(0, gi, ones)
     n_c = torch.zeros(n_groups, dtype=_F64).index_add_(0, gi, correct.to(_F64))  # [G] correct rows
     n_w = n_all - n_c  # [G] wrong rows
     length = mask.sum(1).to(_F64)
     tot_c = torch.zeros(n_groups, dtype=_F64).index_add_(0, gi, length * correct)  # [G] tokens in correct rows
     tot_w = torch.zeros(n_groups, dtype=_F64).index_add_(0, gi, length * ~correct)
-    out = torch.zeros(mask.shape, dtype=_F64)
-    rows, cols = mask.nonzero(as_tuple=True)  # [N] valid tokens
-    if rows.numel() == 0:
-        return out
-    tok = batch.response_ids[rows, cols]  # [N]
-    vocab = int(tok.max()) + 1
-    skey, order = torch.sort((gi[rows] * vocab + tok) * n_rows + rows)  # [N] sorted by (group, token, row)
-    pair_key = skey // n_rows
-    new_pair = torch.ones_like(skey, dtype=torch.bool)
-    new_pair[1:] = pair_key[1:] != pair_key[:-1]
-    new_row = torch.ones_like(new_pair)
-    new_row[1:] = skey[1:] != skey[:-1]  # first occurrence of a token in a row
-    pair_idx = new_pair.cumsum(0) - 1  # [N] pair of each sorted token
-    n_pairs = int(pair_idx[-1]) + 1
-    is_c = correct[skey % n_rows].to(_F64)  # [N]
-
-    def per_pair(values: Tensor, index: Tensor) -> Tensor:
-        return torch.zeros(n_pairs, dtype=_F64).index_add_(0, index, values)
-
-    cnt_c, cnt_w = per_pair(is_c, pair_idx), per_pair(1 - is_c, pair_idx)  # occurrences per side
-    pres_c = per_pair(is_c[new_row], pair_idx[new_row])  # rows containing the token per side
-    pres_w = per_pair(1 - is_c[new_row], pair_idx[new_row])
-    pairs = pair_key[new_pair]  # [P]
-    g_p, v_p = pairs // vocab, pairs % vocab
-    fisher, ig, h = _scores_by_distinct_table(g_p, pres_c, pres_w, n_c, n_w, int(n_all.max()))
-    tf_c = _bm25_tf(cnt_c, tot_c[g_p], tot_w[g_p], k1, b)
-    tf_w = _bm25_tf(cnt_w, tot_w[g_p], tot_c[g_p], k1, b)
+    tp = _token_pairs(batch, gi, correct)
+    g_p = tp["g_p"]
+    ref_cols = None
+    if reference_float32:  # the reference's grid width per group: max over its tokens of min(a + b, n_c), + 1
+        k_max = torch.minimum(tp["pres_c"] + tp["pres_w"], n_c[g_p])
+        width = torch.zeros(n_groups, dtype=_F64).scatter_reduce(0, g_p, k_max, "amax")
+        ref_cols = (width + 1).long()[g_p]
+    # one-sided groups are zeroed below; clamp their margins so that the statistics stay finite
+    fisher, ig, h = _scores_by_distinct_table(tp["pres_c"], tp["pres_w"], n_c[g_p].clamp_min(1),
+                                              n_w[g_p].clamp_min(1), ref_cols)
+    tf_c = _bm25_tf(tp["cnt_c"], tot_c[g_p], tot_w[g_p], k1, b)
+    tf_w = _bm25_tf(tp["cnt_w"], tot_w[g_p], tot_c[g_p], k1, b)
     x = h + gamma_tf * (tf_c / (tf_w + tf_eps) - tf_w / (tf_c + tf_eps))
     z = (alpha * fisher + beta * ig) * x / (alpha + beta)
     w = 2.0 * top * (torch.sigmoid(z) - 0.5)  # [P]
     dead = (n_c[g_p] == 0) | (n_w[g_p] == 0)  # one-sided group (incl. singletons): no contrast
     if ignore_token_ids:
-        dead = dead | torch.isin(v_p, torch.tensor(ignore_token_ids, dtype=v_p.dtype))
+        dead = dead | torch.isin(tp["v_p"], torch.tensor(ignore_token_ids, dtype=tp["v_p"].dtype))
     w = torch.where(dead, torch.zeros_like(w), w)
-    w_sorted = w[pair_idx]  # [N] in sorted order
-    out[rows[order], cols[order]] = w_sorted
+    out[tp["rows"], tp["cols"]] = w[tp["pair"]]
+    if zero_last_token:  # the response's final token (its EOS when it stopped) carries no key-token weight
+        pos = torch.arange(batch.T, device=mask.device).expand_as(mask)
+        last = torch.where(mask, pos, -1).amax(1).clamp_min(0)  # [B]
+        out[torch.arange(batch.B), last] = 0.0
     return out
 
 
-def _scores_by_distinct_table(g_p: Tensor, a: Tensor, b: Tensor, n_c: Tensor, n_w: Tensor,
-                              max_group: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(F, IG, h) per pair, computed once per distinct table (group, a, b) via a dense bucket (no sort)."""
-    m = max_group + 1
-    key = (g_p * m + a.long()) * m + b.long()  # [P]
-    seen = torch.zeros(n_c.numel() * m * m, dtype=torch.bool)
-    seen[key] = True
-    distinct = seen.nonzero(as_tuple=True)[0]  # [U]
-    slot = torch.full_like(seen, -1, dtype=torch.long)
-    slot[distinct] = torch.arange(distinct.numel())
-    g_u, a_u, b_u = distinct // (m * m), (distinct // m) % m, distinct % m
-    # one-sided groups are zeroed by the caller; clamp their margins so the statistics stay finite
-    fisher, ig, h = _table_scores(a_u.to(_F64), b_u.to(_F64), n_c[g_u].clamp_min(1), n_w[g_u].clamp_min(1))
-    inv = slot[key]
+def _scores_by_distinct_table(a: Tensor, b: Tensor, n_c: Tensor, n_w: Tensor, ref_cols: Tensor | None,
+                              chunk: int = 1 << 20) -> tuple[Tensor, Tensor, Tensor]:
+    """(F, IG, h) per pair [P], computed once per distinct table (n_c, n_w, a, b[, grid width]).
+
+    The distinct tables come from `torch.unique(dim=0)` (memory linear in P); the Fisher grid [U, K] is evaluated
+    in chunks of about `chunk` cells, so memory stays bounded whatever the group sizes.
+    """
+    cols = [n_c, n_w, a, b] + ([ref_cols.to(_F64)] if ref_cols is not None else [])
+    uniq, inv = torch.unique(torch.stack(cols, dim=1), dim=0, return_inverse=True)  # [U, 4|5], [P]
+    k_width = int(uniq[:, 0].max()) + 1  # the exact Fisher grid spans at most n_c + 1 columns
+    step = max(1, chunk // k_width)
+    parts = [_table_scores(u[:, 2], u[:, 3], u[:, 0], u[:, 1], u[:, 4].long() if ref_cols is not None else None)
+             for u in uniq.split(step)]
+    fisher, ig, h = (torch.cat(x) for x in zip(*parts))
     return fisher[inv], ig[inv], h[inv]
 
 
-@estimator("ktae", needs=("response_ids",))
+@estimator("ktae", needs=("response_ids",),
+           ranges={"alpha": "[0, inf)", "beta": "[0, inf)", "gamma_tf": "[0, inf)", "top": "(0, inf)",
+                   "k1": "(0, inf)", "b": "[0, 1]", "tf_eps": "(0, inf)", "correct_threshold": "(-inf, inf)",
+                   "ignore_token_ids": "[0, inf)", "eps": "[0, inf)"})
 def ktae(batch: RolloutBatch, *, alpha: float = 1.0, beta: float = 1.0, gamma_tf: float = 1.0, top: float = 1.0,
          k1: float = 2.0, b: float = 0.5, tf_eps: float = 1e-5, correct_threshold: float = 0.0,
-         ignore_token_ids: tuple[int, ...] = (), eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:
+         ignore_token_ids: tuple[int, ...] = (), zero_last_token: bool = True, reference_float32: bool = False,
+         eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:
     """KTAE: GRPO advantage plus an additive per-token-id weight from correct-vs-wrong token statistics.
 
     Paper: "KTAE: A Model-Free Algorithm to Key-Tokens Advantage Estimation in Mathematical Reasoning"
-    (arXiv 2505.16826). Reference: xiaolizh1/KTAE `verl/workers/actor/compute_key_tokens.py` and
-    `compute_ktae_outcome_advantage_and_keytokens` in `verl/trainer/ppo/core_algos.py` (read for this port).
+    (arXiv 2505.16826). Reference: xiaolizh1/KTAE (commit ea9fb77) `verl/workers/actor/compute_key_tokens.py`
+    and `compute_ktae_outcome_advantage_and_keytokens` in `verl/trainer/ppo/core_algos.py` (read for this port).
     Shapes: response_ids [B,T], rewards [B], group_ids [B] -> advantages [B,T].
     Formula, per group and token id v (correct row: R > correct_threshold; bag of tokens over valid tokens):
       a/b = #correct/#wrong rows containing v, c = n_c - a, d = n_w - b;
@@ -256,21 +312,29 @@ def ktae(batch: RolloutBatch, *, alpha: float = 1.0, beta: float = 1.0, gamma_tf
       z = (alpha F + beta IG) x / (alpha + beta);  w = 2 top (sigmoid(z) - 0.5) in (-top, top);
       A[b,t] = a_b^GRPO + w(group(b), y[b,t]) at valid tokens.
     Defaults (reference): alpha = beta = gamma_tf = top = 1, k1 = 2, b = 0.5, tf_eps = 1e-5.
+    EOS: the reference hard-codes w(151643) = 0 (Qwen's <|endoftext|>, its EOS and pad). The batch carries no
+    tokenizer, so `zero_last_token=True` (default) gives w = 0 at each response's final valid token, which is
+    its EOS whenever it stopped (creditlab / TRL / verl responses include the EOS); a response cut at the length
+    limit loses the weight of its last real token instead (the only difference). `ignore_token_ids` zeroes
+    further ids everywhere (e.g. the tokenizer's special ids). Checked by hand in the tests.
+    Fisher: by default p is computed in float64 with a 1e-7 relative tolerance on ties (as scipy) and p = 1 is
+    decided exactly, so a p = 1 table gives F = 0 as the reference intends. The reference sums the pmf in
+    float32 with no tolerance, so such tables often give p = 1 - 6e-8 and F ~ 0.135; `reference_float32=True`
+    reproduces that float32 sum op for op (bit-identical to a transcription of the reference function in the
+    tests); IG, h and tf stay float64 (they agree with the reference's float32 values to ~1e-7).
     Deviations: alpha, beta, gamma_tf and top are honoured (the reference hard-codes them to 1 and uses
-    alpha/beta/gamma_tf only as on/off switches); gamma_tf scales the tf term. Special tokens with w = 0 are
-    `ignore_token_ids` (the reference hard-codes Qwen's 151643). One-sided groups (incl. singletons) get
-    w = 0 (as the reference). Fisher ties use a 1e-7 relative tolerance (as scipy); p = 1 is decided exactly.
-    Base advantage uses creditlab's singleton policy (reference: raw score). The additive w can flip the
-    sign of a small |a_b| (as the reference); w saturates at +-top in float64 when a token occurs on one
-    side only (tf ratio ~ 1/tf_eps). Metric credit/ktae_w_abs_mean: mean |w| over valid tokens.
+    alpha/beta/gamma_tf only as on/off switches); gamma_tf scales the tf term. One-sided groups (incl.
+    singletons) get w = 0 (as the reference). Base advantage uses creditlab's singleton policy (reference: raw
+    score). The additive w can flip the sign of a small |a_b| (as the reference); w saturates at +-top in
+    float64 when a token occurs on one side only (tf ratio ~ 1/tf_eps). Metric credit/ktae_w_abs_mean: mean |w|
+    over valid tokens.
     """
-    if alpha < 0 or beta < 0 or alpha + beta <= 0:
-        raise ValueError(f"ktae needs alpha >= 0, beta >= 0 and alpha + beta > 0, got alpha={alpha}, beta={beta}")
-    if top <= 0:
-        raise ValueError(f"ktae needs top > 0, got {top}")
+    if alpha + beta <= 0:
+        raise ValueError(f"ktae needs alpha + beta > 0, got alpha={alpha}, beta={beta}")
     mask = batch.response_mask
     w = ktae_token_weights(batch, alpha=alpha, beta=beta, gamma_tf=gamma_tf, top=top, k1=k1, b=b, tf_eps=tf_eps,
-                           correct_threshold=correct_threshold, ignore_token_ids=tuple(ignore_token_ids))
+                           correct_threshold=correct_threshold, ignore_token_ids=tuple(ignore_token_ids),
+                           zero_last_token=zero_last_token, reference_float32=reference_float32)
     a = group_advantage(batch.rewards, batch.group_ids, eps=eps, singleton=singleton)
     adv = broadcast(a, mask, _F64) + w
     n_valid = max(int(mask.sum()), 1)
@@ -295,7 +359,8 @@ def ucas_token_advantage(a: Tensor, zhat: Tensor, logit_norm: Tensor, mask: Tens
     return torch.where(mask, u, torch.zeros_like(u))
 
 
-@estimator("ucas", needs=("certainty", "token_logits"))
+@estimator("ucas", needs=("certainty", "token_logits"),
+           ranges={"beta_pos": "[0, inf)", "beta_neg": "[0, inf)", "lam": "[0, inf)", "eps": "[0, inf)"})
 def ucas(batch: RolloutBatch, *, beta_pos: float = 0.25, beta_neg: float = 0.35, lam: float = 0.05,
          penalize_zero_signal: bool = True, eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:
     """UCAS: certainty-aware sequence scaling plus a penalty on over-confident (high-logit) tokens.

@@ -168,55 +168,90 @@ def _step_frac(batch: RolloutBatch) -> float:
 
 
 # ---------------------------------------------------------------- sum-form and PURE
-def _sum_form_advantage(batch: RolloutBatch, rho: Tensor, *, gamma: float, baseline: str, vr_coef: float,
+SumBaseline = Literal["token", "token_per_row", "step", "none"]
+
+
+def _process_baseline(rho: Tensor, lens: Tensor, present: Tensor, batch: RolloutBatch,
+                      baseline: SumBaseline) -> tuple[Tensor, Tensor]:
+    """(b [B] float64, units [B,S]): the leave-one-out baseline rate of each row and the units it multiplies.
+
+    token:         b_i = sum_{j != i} total_j / sum_{j != i} L_j, a ratio of sums over the other rows of the group
+                   (total_j = sum_k rho_j,k, L_j = response tokens of row j); units = tokens of each step.
+                   PURE `process_experiences` with `reward_baseline="token"`. 0 when the others have no tokens.
+    token_per_row: b_i = mean over the other rows of total_j / (step tokens of j) (creditlab <= 0.1's "token").
+    step:          b_i = mean over the other rows of total_j / (steps of j); units = 1 per step (PURE "step").
+    """
+    total = rho.sum(1)  # [B]
+    if baseline == "token":
+        index, n = group_index(batch.group_ids)
+        length = batch.response_mask.sum(1).to(F64)  # [B] response tokens, separators included (PURE's L_j)
+        others_total = group_sum(total, index, n)[index] - total
+        others_len = group_sum(length, index, n)[index] - length
+        b = torch.where(others_len > 0, others_total / others_len.clamp_min(1), torch.zeros_like(total))
+        return b, lens.to(F64)
+    units = lens.to(F64) if baseline == "token_per_row" else present.to(F64)  # [B,S]
+    rate = total / units.sum(1).clamp_min(1)  # process reward per step token (per step) of each row
+    return _loo_mean(rate, batch.group_ids)[0], units
+
+
+def _sum_form_advantage(batch: RolloutBatch, rho: Tensor, *, gamma: float, baseline: SumBaseline, vr_coef: float,
                         singleton: Singleton) -> Tensor:
     """Shared by `sum_form` and `pure(mode="softmin")`: baselined discounted step returns + outcome, [B,T]."""
     present, lens = step_layout(batch.step_ids, rho.shape[1])
     rho = torch.where(present, rho.to(F64), torch.zeros((), dtype=F64))
-    if baseline in ("token", "step"):
-        units = lens.to(F64) if baseline == "token" else present.to(F64)  # [B,S]: tokens or 1 per step
-        rate = rho.sum(1) / units.sum(1).clamp_min(1)  # process reward per token (per step) of each row
-        b, count = _loo_mean(rate, batch.group_ids)
-        rho = rho - b[:, None] * units
-    elif baseline != "none":
-        raise ValueError(f"baseline must be 'token', 'step' or 'none', got {baseline!r}")
-    g = step_returns(rho, present, how="sum", gamma=gamma)  # [B,S]
     v = batch.rewards.to(F64) - 1.0  # PURE's verifiable reward: solved - 1 in {-1, 0}
     if baseline == "none":
+        g = step_returns(rho, present, how="sum", gamma=gamma)  # [B,S]
         return segment_broadcast(g, batch.step_ids) + vr_coef * v[:, None]
+    b, units = _process_baseline(rho, lens, present, batch, baseline)
+    g = step_returns(rho - b[:, None] * units, present, how="sum", gamma=gamma)  # [B,S]
     adv = segment_broadcast(g, batch.step_ids) + vr_coef * _rloo(v, batch.group_ids, singleton)[:, None]
+    _, count = _loo_mean(v, batch.group_ids)
     keep = (count > 1) | (singleton == "raw")
     return adv * keep[:, None]
 
 
-@estimator("sum_form", needs=("step_ids", "step_rewards"))
-def sum_form(batch: RolloutBatch, *, gamma: float = 1.0, baseline: Literal["token", "step", "none"] = "token",
+@estimator("sum_form", needs=("step_ids", "step_rewards"), ranges={"gamma": "[0, 1]", "vr_coef": "[0, inf)"})
+def sum_form(batch: RolloutBatch, *, gamma: float = 1.0, baseline: SumBaseline = "token", mean_form: bool = False,
              vr_coef: float = 1.0, singleton: Singleton = "zero") -> Credit:
     """Sum-form process credit: discounted sum of future step rewards on every token of the step.
 
     Papers: the sum-form baseline of PURE (arXiv 2504.15275, `gamma-decay`); PRIME token returns; methods.md 8.2.
+    Reference: CJReinforce/PURE (commit 41f9363) `openrlhf/trainer/ppo_utils/experience_maker.py`
+    (`process_experiences`, `reward_baseline="token"`), `openrlhf/utils/utils.py`, `examples/scripts/train_pure.sh`.
     Shapes: step_rewards [B,S] (rho), step_ids [B,T], rewards [B] -> advantages [B,T].
     Formula: rho'_k = rho_k - b_i * u_k, G_k = sum_{j>=k} gamma^(j-k) rho'_j over valid steps;
         A[t] = G_{k(t)} + vr_coef * RLOO(v)_i with v = R - 1 (tokens outside steps get the outcome term only).
-    Baselines (b_i = mean over the other responses j of the group of rate_j = sum_k rho_j,k / sum_k u_j,k):
-        "token" (default, PURE's script): u_k = tokens of step k, i.e. the others' process reward per step-token
-            times this step's length -- length-corrected, the step count does not leak into the advantage;
-        "step": u_k = 1, others' reward per step -- leaks the step count (methods.md warns; kept for ablations);
+    Baselines (`_process_baseline`):
+        "token" (default, PURE's script): b_i = sum_{j != i} total_j / sum_{j != i} L_j -- a ratio of sums over
+            the other responses (total_j = sum_k rho_j,k, L_j = response tokens of row j) -- times u_k = the
+            tokens of step k: length-corrected, the step count does not leak into the advantage;
+        "token_per_row": b_i = mean over the others of total_j / (step tokens of j) (creditlab's earlier
+            "token" baseline, a mean of ratios; kept as an option);
+        "step": u_k = 1, others' mean reward per step (PURE "step") -- leaks the step count (kept for ablations);
         "none": the **naive canonical sum** G_k (no baseline, no length correction) plus vr_coef * v: the
             unbounded, hackable form of the reward-hacking experiment.
+    mean_form=True: rho_k / K_i before everything else (K_i the row's number of steps): PURE's
+        `--disable_weighted_reward` (uniform softmax weights 1/K), i.e. the step-1 return is the mean step reward.
     Defaults: gamma = 1, baseline "token", vr_coef = 1 (PURE PRM+VR script). Zero-step rows score 0 in baselines.
-    Deviations: no KL term (the trainer's); singleton groups -> 0 ("zero") or no baseline ("raw") when a
-    baseline is on.
+    Checked: hand case in tests/credit/test_process.py (a 3-response group; b_i and every return by hand from the
+    reference formula) and the loop reference `credit/loops/process.py` on awkward random batches.
+    Deviations: no KL term (the trainer's); tokens outside steps (separators) get the outcome term (the reference
+    gives separators 0 and places each step's reward on its separator); singleton groups -> 0 ("zero") or no
+    baseline ("raw") when a baseline is on.
     """
     _check_singleton(singleton)
-    adv = _sum_form_advantage(batch, batch.step_rewards, gamma=gamma, baseline=baseline, vr_coef=vr_coef,
-                              singleton=singleton)
+    rho = batch.step_rewards.to(F64)
+    if mean_form:
+        present, _ = step_layout(batch.step_ids, rho.shape[1])
+        rho = rho / present.sum(1, keepdim=True).clamp_min(1)
+    adv = _sum_form_advantage(batch, rho, gamma=gamma, baseline=baseline, vr_coef=vr_coef, singleton=singleton)
     return _credit(adv, batch, step_token_frac=_step_frac(batch))
 
 
 def softmin_rewards(rho: Tensor, present: Tensor, temperature: float = 0.1) -> Tensor:
     """PURE's softmin re-weighting rho*_k = softmax_k(-rho/T) rho_k over the row's valid steps [B,S] float64."""
-    if temperature <= 0:
+    if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     r = rho.to(F64)
     z = torch.where(present, -r / temperature, torch.full_like(r, -torch.inf))
@@ -227,35 +262,37 @@ def softmin_rewards(rho: Tensor, present: Tensor, temperature: float = 0.1) -> T
     return w * torch.where(present, r, torch.zeros_like(r))
 
 
-@estimator("pure", needs=("step_ids", "step_rewards"))
-def pure(batch: RolloutBatch, *, mode: Literal["strict", "softmin"] = "strict", temperature: float = 0.1,
+@estimator("pure", needs=("step_ids", "step_rewards"), ranges={"temperature": "(0, inf)", "vr_coef": "[0, inf)"})
+def pure(batch: RolloutBatch, *, mode: Literal["softmin", "strict"] = "softmin", temperature: float = 0.1,
          baseline: Literal["rloo", "none"] = "rloo", vr_coef: float = 1.0, singleton: Singleton = "zero") -> Credit:
-    """PURE min-form credit: the value of a step is the minimum of the future step rewards, not their sum.
+    """PURE min-form credit: the value of a step is (approximately) the minimum of the future step rewards.
 
-    Paper: Stop Summation: Min-Form Credit Assignment (arXiv 2504.15275). Reference: CJReinforce/PURE (OpenRLHF).
+    Paper: Stop Summation: Min-Form Credit Assignment (arXiv 2504.15275). Reference: CJReinforce/PURE (OpenRLHF
+    branch, commit 41f9363): `turn_process_reward_logits_to_reward` in `openrlhf/utils/utils.py`,
+    `process_experiences` in `openrlhf/trainer/ppo_utils/experience_maker.py`, `examples/scripts/train_pure.sh`.
     Shapes: step_rewards [B,S] (rho in [-1,1]), step_ids [B,T], rewards [B] -> advantages [B,T].
-    mode="strict" (creditlab rule, default): G_k = min_{j>=k} rho_j over valid steps; with baseline "rloo" the
-        leave-one-out mean of the other responses' trajectory scores min_k rho_j,k is subtracted from every G_k.
-    mode="softmin" (the reference's approximation): w = softmax(-rho/T) over ALL the row's steps, rho* = w rho,
-        G_k = sum_{j>=k} rho*_j; baseline "rloo" is PURE's "token" baseline (see `sum_form`) on rho*.
-    Both: A[t] = G_{k(t)} + vr_coef * RLOO(v)_i, v = R - 1 (tokens outside steps get only the outcome term;
+    mode="softmin" (default, what PURE trains with): w = softmax(-rho/T) over ALL the row's steps, rho* = w rho,
+        G_k = sum_{j>=k} rho*_j; baseline "rloo" is PURE's "token" baseline on rho* (see `sum_form`):
+        rho*'_k = rho*_k - (sum_{j != i} total*_j / sum_{j != i} L_j) * tokens(k).
+    mode="strict" (a creditlab option, not in the reference's OpenRLHF training path): G_k = min_{j>=k} rho_j
+        over valid steps; with baseline "rloo" the leave-one-out mean of the other responses' trajectory scores
+        min_k rho_j,k is subtracted from every G_k.
+    Both: A[t] = G_{k(t)} + vr_coef * RLOO(v)_i, v = R - 1 (tokens outside steps get the outcome term only;
     the reference gives separator tokens 0). baseline="none" uses G and v as they are.
-    Defaults (PURE script): T = 0.1, RLOO, vr_coef = 1 (PRM+VR). Hand case rho = [.5,-.2,.8]: strict
-    [-.2,-.2,.8]; softmin [-.1993,-.1998,.00004].
+    Defaults (PURE script): mode softmin, T = 0.1, RLOO with the token baseline, vr_coef = 1 (PRM+VR).
+    Hand cases (tests): rho = [.5,-.2,.8] -> strict [-.2,-.2,.8]; softmin [-.1993,-.1998,.00004]; a 3-response
+    group with the token baseline worked by hand from the reference formula. The reference's uniform-weight
+    flag (`--disable_weighted_reward`) is `sum_form(mean_form=True)`.
     Deviations: no KL term; zero-step rows score 0 in baselines; singleton groups -> 0 ("zero") when a baseline
     is on. Softmin gives steps after the argmin ~0 rather than their running min (a known property).
     """
     _check_singleton(singleton)
-    if baseline not in ("rloo", "none"):
-        raise ValueError(f"baseline must be 'rloo' or 'none', got {baseline!r}")
     present, _ = step_layout(batch.step_ids, batch.step_rewards.shape[1])
     if mode == "softmin":
         rho_star = softmin_rewards(batch.step_rewards, present, temperature)
         adv = _sum_form_advantage(batch, rho_star, gamma=1.0, baseline="token" if baseline == "rloo" else "none",
                                   vr_coef=vr_coef, singleton=singleton)
         return _credit(adv, batch, step_token_frac=_step_frac(batch))
-    if mode != "strict":
-        raise ValueError(f"mode must be 'strict' or 'softmin', got {mode!r}")
     g = step_returns(batch.step_rewards, present, how="min")  # [B,S]
     v = batch.rewards.to(F64) - 1.0
     if baseline == "none":
@@ -283,12 +320,14 @@ def _group_token_standardize(r: Tensor, batch: RolloutBatch, eps: float, singlet
     return torch.where(mask, z, torch.zeros_like(z))
 
 
-@estimator("capo", needs=("step_ids", "step_rewards"))
+@estimator("capo", needs=("step_ids", "step_rewards"),
+           ranges={"w_whole": "(0, inf)", "w_process": "[0, inf)", "flag_threshold": "(-inf, inf)", "eps": "[0, inf)"})
 def capo(batch: RolloutBatch, *, w_whole: float = 2.0, w_process: float = 1.0, flag_threshold: float = 0.5,
          eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:
     """CAPO: outcome reward on every token, minus a penalty on the tokens of steps a judge flagged as wrong.
 
-    Paper: CAPO (arXiv 2508.02298); andyclsr/CAPO has a README only. Reconstructed -- verify (methods.md 8.3).
+    Paper: CAPO (arXiv 2508.02298); andyclsr/CAPO has a README and PDFs only (re-checked for issue 11).
+    Reconstructed -- verify (methods.md 8.3).
     Shapes: rewards [B] (verifier r_v in {0,1}), step_rewards [B,S] (judge verdict per step: 1 ok, 0 wrong, or
     the fraction of K critiques that found the step ok), step_ids [B,T] -> advantages [B,T].
     Formula: flagged_k = step_rewards_k < flag_threshold; R[t] = r_v W_whole - 1[t in a flagged step] W_process;
@@ -328,39 +367,48 @@ def _masked_rloo_tokens(r: Tensor, batch: RolloutBatch, clean: bool, singleton: 
     return torch.where((count == 1)[:, None], r if singleton == "raw" else torch.zeros_like(r), out)
 
 
-@estimator("prime", needs=("prm_logprobs", "ref_logprobs"))
+@estimator("prime", needs=("prm_logprobs", "ref_logprobs"),
+           ranges={"beta": "(0, inf)", "dpo_coef": "[0, inf)", "gt_coef": "[0, inf)"})
 def prime(batch: RolloutBatch, *, beta: float = 0.05, dpo_coef: float = 5.0, gt_coef: float = 5.0,
           granularity: Literal["token", "whole"] = "token", clean_loo: bool = False,
-          prm_norm: Literal["none", "batch_norm"] = "none", singleton: Singleton = "zero") -> Credit:
-    """PRIME: implicit-PRM token rewards beta*log(pi_phi/pi_ref) and the outcome, each leave-one-out baselined.
+          prm_norm: Literal["batch_norm", "none"] = "batch_norm", singleton: Singleton = "zero") -> Credit:
+    """PRIME: implicit-PRM token rewards log(pi_phi/pi_ref) and the outcome, each leave-one-out baselined.
 
-    Paper: Process Reinforcement through Implicit Rewards (arXiv 2502.01456). Reference: volcengine/verl
-    recipe/prime/prime_core_algos.py (`compute_rloo_advantage_return`), prime_dp_rm.py.
+    Paper: Process Reinforcement through Implicit Rewards (arXiv 2502.01456). Reference matched: PRIME-RL/PRIME
+    (commit 18ad596) `training/verl/workers/actor/dp_prime.py` (`compute_implicit_reward`, `prime_norm`),
+    `training/verl/trainer/ppo/core_algos.py` (`compute_rloo_returns`), `training/verl/trainer/config/
+    ppo_trainer.yaml` (`prime_norm: batch_norm`); also volcengine/verl `recipe/prime` (same defaults).
     Shapes: prm_logprobs, ref_logprobs [B,T], rewards [B] (accuracy) -> advantages [B,T], returns [B,T].
-    Formula: r_t = beta (logp_prm - logp_ref) on valid tokens (granularity "whole": their sum on the last token);
+    Formula: q_t = logp_prm - logp_ref on valid tokens (granularity "whole": their sum on the last token);
+        prm_norm="batch_norm" (default, both references): r = q / (max over the batch of |reverse cumsum q| + 1e-6)
+            -- PRIME-RL normalises q itself, so beta drops out of the advantage (it only scales the PRM loss);
+        prm_norm="none": r = beta q (the paper's r = beta log ratio; the verl recipe's "none");
         final = dpo_coef * masked_rloo(r) + gt_coef * RLOO(R) on the last valid token;
         returns = reverse cumsum of final (gamma = 1); advantages = masked_whiten(returns) over the batch.
     masked_rloo is the reference's r n/(n-1) - sum_j m_j/(n-1) (own mean mixed in); clean_loo=True uses
         r - mean_{j != i} m_j. The mean m_j is over all valid tokens for both granularities, as in the reference.
-    prm_norm="batch_norm": r /= max_batch |reverse cumsum r| + 1e-6 (reference option; off by default here).
-    Defaults (PRIME): beta = 0.05, dpo_coef = gt_coef = 5 (`reward_dpo_coef` / `reward_gt_coef`).
+    Defaults (PRIME): prm_norm batch_norm, beta = 0.05, dpo_coef = gt_coef = 5 (`reward_dpo_coef` /
+    `reward_gt_coef`). PRIME-RL's rloo path reads the unscaled rm/gt scores (its coefficients only enter an unused
+    sum), i.e. 1:1; equal coefficients whiten to the same advantages, `returns` here are 5x PRIME-RL's.
+    The verl recipe differs in two ways (read at verl commit 10a6180, `recipe/prime/prime_dp_rm.py`): its token
+    granularity leaves the last valid token's implicit reward out (`[: max_positions - 1]`), and it normalises
+    beta q (the 1e-6 guard then acts on beta q); neither is reproduced.
+    Checked: hand cases in tests/credit/test_process.py (masked_rloo, batch_norm by hand) and the loop reference.
     Deviations: ragged groups use their actual size n; singleton groups -> 0 per source ("zero") or raw
     ("raw"); all-padding rows count in their group with m = 0; lambda-return smoothing is not implemented.
     """
     _check_singleton(singleton)
     mask = batch.response_mask
-    r = beta * torch.where(mask, batch.prm_logprobs.to(F64) - batch.ref_logprobs.to(F64), torch.zeros((), dtype=F64))
+    q = torch.where(mask, batch.prm_logprobs.to(F64) - batch.ref_logprobs.to(F64), torch.zeros((), dtype=F64))
     pos = torch.arange(batch.T, device=mask.device).expand_as(mask)
     last = torch.where(mask, pos, -1).amax(1).clamp_min(0)[:, None]  # [B,1] last valid token (holes allowed)
     has = mask.any(1, keepdim=True)
     if granularity == "whole":
-        r = torch.zeros_like(r).scatter(1, last, r.sum(1, keepdim=True)) * has
-    elif granularity != "token":
-        raise ValueError(f"granularity must be 'token' or 'whole', got {granularity!r}")
+        q = torch.zeros_like(q).scatter(1, last, q.sum(1, keepdim=True)) * has
     if prm_norm == "batch_norm":
-        r = r / (r.flip(1).cumsum(1).flip(1).abs().max() + 1e-6)
-    elif prm_norm != "none":
-        raise ValueError(f"prm_norm must be 'none' or 'batch_norm', got {prm_norm!r}")
+        r = q / (q.flip(1).cumsum(1).flip(1).abs().max() + 1e-6)
+    else:
+        r = beta * q
     out = torch.zeros_like(r).scatter(1, last, _rloo(batch.rewards, batch.group_ids, singleton)[:, None]) * has
     final = (dpo_coef * _masked_rloo_tokens(r, batch, clean_loo, singleton) + gt_coef * out) * mask
     returns = final.flip(1).cumsum(1).flip(1) * mask
@@ -368,33 +416,62 @@ def prime(batch: RolloutBatch, *, beta: float = 0.05, dpo_coef: float = 5.0, gt_
 
 
 # ---------------------------------------------------------------- OPRL / iStar
-@estimator("oprl", needs=("step_ids", "prm_logprobs", "ref_logprobs"))
-def oprl(batch: RolloutBatch, *, beta: float = 0.05, step_coef: float = 1.0, singleton: Singleton = "zero") -> Credit:
-    """OPRL / iStar: episode RLOO plus RLOO of implicit step rewards beta * sum_{t in step} log(pi_phi/pi_ref).
+def dense_step_ids(step_ids: Tensor) -> tuple[Tensor, int]:
+    """Rank of each token's step among its row's steps [B,T] (-1 outside steps) and S = most steps in a row.
+
+    Keeps the order of the ids and makes S bounded by the data (<= T) whatever the ids' values (gaps, 2e9).
+    """
+    valid = step_ids >= 0
+    top = torch.iinfo(step_ids.dtype).max
+    srt, order = torch.where(valid, step_ids, top).sort(dim=1)  # [B,T]: valid ids first, ascending
+    new = srt != top
+    new[:, 1:] &= srt[:, 1:] != srt[:, :-1]  # first token of each distinct step id
+    rank = torch.empty_like(srt).scatter_(1, order, new.long().cumsum(1) - 1)
+    n_steps = int(new.sum(1).max()) if new.numel() else 0
+    return torch.where(valid, rank, torch.full_like(rank, -1)), n_steps
+
+
+@estimator("oprl", needs=("step_ids", "prm_logprobs", "logprobs"), ranges={"beta": "(0, inf)", "step_coef": "[0, inf)"})
+def oprl(batch: RolloutBatch, *, beta: float = 0.05, step_coef: float = 1.0,
+         istar_norm: Literal["batch_norm", "none"] = "batch_norm", singleton: Singleton = "zero") -> Credit:
+    """OPRL / iStar: episode RLOO plus RLOO of implicit step rewards beta * sum_{t in step} log(pi_phi/pi_old).
 
     Paper: Agentic RL with Implicit Step Rewards (iStar, arXiv 2509.19199). Reference: Tongyi-ConvAI/
-    Tongyi-Character CharacterRL-iStar/istar/core_istar.py.
-    Shapes: prm_logprobs, ref_logprobs, step_ids [B,T], rewards [B] -> advantages [B,T].
-    Formula: s_{i,k} = beta sum_{t in step k} q_t; A^E_i = R_i - mean_{j != i} R_j;
-        A^S_{i,k} = s_{i,k} - mean of s over all valid steps of the OTHER responses of the group;
-        A[t] = A^E_i + step_coef * A^S_{i,k(t)} (tokens outside steps and zero-step rows: A^E only).
+    Tongyi-Character (commit dfee104) `CharacterRL-iStar/istar/core_istar.py` (`compute_istar_rloo_advantage`),
+    `istar/dp_rm.py` (`_forward_micro_batch`, `istar_norm`), `examples/istar_trainer/run_webshop.sh`.
+    Shapes: prm_logprobs, logprobs, step_ids [B,T], rewards [B] -> advantages [B,T].
+    Formula: q_t = log pi_phi(y_t) - log pi_old(y_t) with pi_old the rollout policy (`batch.logprobs`): the
+        script sets `ref_path=null`, and then dp_rm.py divides by the batch's `old_log_probs`, not by a frozen copy;
+        s_{i,k} = beta sum_{t in step k} q_t;
+        istar_norm="batch_norm" (default, the reference config): s /= max |s| over all steps of the batch + 1e-6
+            (the reference's max |reverse cumsum| over rows that hold one step reward each; here one row holds
+            several steps, each of which plays the part of one reference row);
+        A^E_i = R_i - mean_{j != i} R_j; A^S_{i,k} = s_{i,k} - mean of s over all valid steps of the OTHER
+        responses of the group; A[t] = A^E_i + step_coef * A^S_{i,k(t)} (tokens outside steps and zero-step rows:
+        A^E only).
     Rows: the paper's rows are agent turns (one row per environment step, steps = turns); here one row is one
-        response and steps are reasoning steps (`step_ids`).
-    Defaults (iStar): beta = 0.05, w = step_coef = 1.
+        response and steps are reasoning steps (`step_ids`). Step ids may have gaps and any size: S is the
+        number of steps present (`dense_step_ids`), never the largest id.
+    Defaults (iStar): beta = 0.05, w = step_coef = 1, istar_norm batch_norm.
+    Checked: hand case in tests/credit/test_process.py (q from prm_logprobs - logprobs, batch norm by hand) and
+    the loop reference. The implicit PRM scorer (`signals/implicit.py`, mode "oprl") uses the same denominator.
     Deviations: the reference's step baseline keeps only the first step row of each trajectory (a quirk); here
     it is the mean over all steps of the other responses. A^S is exactly 0 when all steps of the group score the
-    same (so q = 0 reduces to episode RLOO); with no peer steps it is 0 ("zero") or s ("raw").
-    `istar_norm` (batch norm of step rewards) is not implemented.
+    same (so q = 0 reduces to episode RLOO); with no peer steps it is 0 ("zero") or s ("raw"). The reference's
+    frozen-reference variant (`ref_path` set) is not offered.
     """
     _check_singleton(singleton)
-    mask, sid = batch.response_mask, batch.step_ids
-    n_steps = max(int(sid.max()) + 1, 1)
+    mask = batch.response_mask
+    sid, n_steps = dense_step_ids(torch.where(mask, batch.step_ids, -1))
+    n_steps = max(n_steps, 1)
     present, _ = step_layout(sid, n_steps)
-    q = batch.prm_logprobs.to(F64) - batch.ref_logprobs.to(F64)
-    q = torch.where(mask & (sid >= 0), q, torch.zeros_like(q))
+    q = batch.prm_logprobs.to(F64) - batch.logprobs.to(F64)
+    q = torch.where(sid >= 0, q, torch.zeros_like(q))
     s = beta * torch.zeros(batch.B, n_steps, dtype=F64).scatter_add(1, sid.clamp_min(0), q)  # [B,S]
+    if istar_norm == "batch_norm":
+        s = s / (torch.where(present, s.abs(), torch.zeros_like(s)).max() + 1e-6)
     index, n = group_index(batch.group_ids)
-    row_sum, row_cnt = s.sum(1), present.sum(1).to(F64)
+    row_sum, row_cnt = (s * present).sum(1), present.sum(1).to(F64)
     other_cnt = group_sum(row_cnt, index, n)[index] - row_cnt
     other_mean = (group_sum(row_sum, index, n)[index] - row_sum) / other_cnt.clamp_min(1)
     a_s = s - other_mean[:, None]
@@ -407,14 +484,16 @@ def oprl(batch: RolloutBatch, *, beta: float = 0.05, step_coef: float = 1.0, sin
 
 
 # ---------------------------------------------------------------- TP-GRPO
-@estimator("tp_grpo", needs=("step_ids", "step_labels"))
+@estimator("tp_grpo", needs=("step_ids", "step_labels"),
+           ranges={"c_pos": "[0, inf)", "c_neg": "[0, inf)", "eps": "[0, inf)"})
 def tp_grpo(batch: RolloutBatch, *, c_pos: float = 0.5, c_neg: float = 0.5, adaptive: bool = False,
             eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:
     """TP-GRPO: thought-level rewards from step labels, group-normalized over thoughts. Reconstructed -- verify.
 
-    Paper: Good Learners Think Their Thinking (arXiv 2507.23317); code cs-holder/tp_grpo was not reachable, only
-    the abstract and a summary: contiguous same-label steps merge into thoughts, thought rewards combine with
-    the outcome, and their magnitude adapts to the model's ability. Every formula below is a library choice.
+    Paper: Good Learners Think Their Thinking (arXiv 2507.23317); code cs-holder/tp_grpo was not reachable
+    (re-checked for issue 11), only the abstract and a summary: contiguous same-label steps merge into thoughts,
+    thought rewards combine with the outcome, and their magnitude adapts to the model's ability. Every formula
+    below is a library choice.
     Shapes: step_labels [B,S] (1 correct, 0 incorrect, -1 unlabelled; oracle or judge), step_ids [B,T],
         rewards [B] (outcome in {0,1}) -> advantages [B,T].
     Formula: thoughts = maximal runs of equal labels over valid steps (`merge_thoughts`);

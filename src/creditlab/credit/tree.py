@@ -108,7 +108,7 @@ def _uncompact(values: Tensor, order: Tensor, cmask: Tensor) -> Tensor:
     return torch.zeros_like(values).scatter(1, order, values)
 
 
-@estimator("tempo", needs=("response_ids",))
+@estimator("tempo", needs=("response_ids",), ranges={"td_coef": "[0, inf)", "eps": "[0, inf)"})
 def tempo(batch: RolloutBatch, *, td_coef: float = 1.0, gate_root: bool = False, eps: float = 1e-6,
           unbiased: bool = True, singleton: Singleton = "zero") -> Credit:
     """TEMPO: GRPO advantage plus a branch-gated TD correction read off the group's prefix trie (P2T).
@@ -124,8 +124,9 @@ def tempo(batch: RolloutBatch, *, td_coef: float = 1.0, gate_root: bool = False,
     Defaults: td_coef=1 (assumed; the paper may have no such knob), eps=1e-6, unbiased std.
     `gate_root` (default False, the methods.md formula): True drops the root branch, i.e. delta at each
     response's first token; then with no first token shared inside a group tempo equals grpo exactly.
-    Which choice the paper makes could not be verified (only the abstract and summaries were searchable:
-    "at non-branch tokens the TD term is zero, so TEMPO reduces to GRPO"; the root is a branch there).
+    Which choice the paper makes could not be verified (re-checked for issue 11; only the abstract and
+    summaries were searchable: "at non-branch tokens the TD term is zero, so TEMPO reduces to GRPO"; the root
+    is a branch there).
     Deviations / choices:
     - V is built on the group-standardized reward (R - mu_g)/(sigma_g + eps), which equals the formula
       above and gives exact zeros: a zero-variance group has a = 0 and delta = 0, a singleton group has
@@ -155,7 +156,7 @@ def tempo(batch: RolloutBatch, *, td_coef: float = 1.0, gate_root: bool = False,
     return Credit(advantages=adv, metrics=advantage_metrics(adv, batch.response_mask, branch_token_frac=frac))
 
 
-@estimator("treepo", needs=("response_ids",))
+@estimator("treepo", needs=("response_ids",), ranges={"segment_len": "[1, inf)", "max_depth": "[0, inf)"})
 def treepo(batch: RolloutBatch, *, segment_len: int = 512, max_depth: int | None = None,
            weight: Weight = "average", remove_no_std_subgroup: bool = False, whiten: bool = True,
            singleton: Singleton = "zero") -> Credit:
@@ -184,10 +185,6 @@ def treepo(batch: RolloutBatch, *, segment_len: int = 512, max_depth: int | None
     Deviations: a singleton group gets a = 0 (`singleton="zero"`) where the reference takes mu := 0 so
     c_0 = R (`singleton="raw"`); "zero variance" is tested exactly (min == max) instead of torch.std == 0.
     """
-    if segment_len < 1:
-        raise ValueError(f"segment_len must be >= 1, got {segment_len}")
-    if weight not in ("average", "group_size"):
-        raise ValueError(f"weight must be 'average' or 'group_size', got {weight!r}")
     _, cmask, node, _ = _compacted(batch)
     R = batch.rewards.to(torch.float64)
     n_depths = -(-batch.T // segment_len)  # ceil(T / segment_len)

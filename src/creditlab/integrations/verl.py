@@ -12,15 +12,19 @@ it), `config` (the `algorithm` config) and, for ReMax only, `reward_baselines`. 
     response_ids: verl does not pass token ids, so `response_ids` is a zero placeholder unless the trainer hook
     supplies the real ones (estimators that read them declare `needs=("response_ids",)`).
 
-Trainer hook, for estimators that need more than verl passes (tempo needs `response_ids`, gae needs `values`):
-the fields come from the trainer's batch (`DataProto`) through `batch_fields(data)`, a context manager the
-adv-estimator functions read (see `DATAPROTO_FIELDS` for the mapping). Three ways to enter it:
+Trainer hook, for estimators that need more than verl passes (tempo needs `response_ids`, gae needs `values`,
+sum_form needs step ids and step rewards): the fields come from the trainer's batch through `batch_fields(...)`,
+a context manager the adv-estimator functions read (`verl_hook` documents every source and its configuration,
+`+algorithm.creditlab_steps` for step signals from the reward function's extra info). Three ways to enter it:
   - v1 trainer (verl's default): `trainer.v1.trainer_mode=creditlab_sync`, a `PPOTrainerSync` subclass registered
-    through verl's own `register_trainer`; it fetches the needed fields from TransferQueue around
+    through verl's own `register_trainer`; it checks the configuration when it is constructed (before workers
+    and models start: `verl_hook.check_config`) and reads the needed fields from TransferQueue around
     `_compute_advantage`. Registered at plugin load when verl's v1 trainer is importable (`verl[verl-core]`).
-  - legacy `RayPPOTrainer` or a custom trainer: call `creditlab.integrations.verl.compute_advantage(data, ...)`,
-    a drop-in for `verl.trainer.ppo.ray_trainer.compute_advantage`.
-  - anything else: `with batch_fields(data): verl_compute_advantage(data, ...)`.
+  - legacy `RayPPOTrainer` or a custom trainer: call `creditlab.integrations.verl.compute_advantage(data, ...,
+    tokenizer=...)`, a drop-in for `verl.trainer.ppo.ray_trainer.compute_advantage`.
+  - anything else: `with batch_fields(data, step_ids=..., ...): verl_compute_advantage(data, ...)`.
+With verl's stock trainers an estimator whose needs the hook must supply fails at its first advantage
+computation (verl has no start-time extension point for them); `creditlab_sync` fails at start.
 
 verl swallows plugin import errors at DEBUG level, so this module checks itself: problems are logged at WARNING
 and `check()` returns (or raises) them.
@@ -40,14 +44,24 @@ import torch
 from torch import Tensor
 
 from creditlab.batch import FIELDS, RolloutBatch
+from creditlab.integrations.verl_hook import (
+    ALWAYS,
+    HOOK_MADE,
+    PREFIX,
+    V1_FIELDS,
+    HookConfig,
+    check_config,
+    estimator_kwargs,
+    left_pad,
+    signal_fields,
+)
 from creditlab.registry import get_spec, list_estimators
 
-__all__ = ["DATAPROTO_FIELDS", "PREFIX", "V1_TRAINER_MODE", "batch_fields", "check", "compute_advantage",
-           "register_all", "register_v1_trainer", "rollout_batch"]
+__all__ = ["DATAPROTO_FIELDS", "PREFIX", "V1_TRAINER_MODE", "batch_fields", "check", "check_config",
+           "compute_advantage", "hook_fields", "register_all", "register_v1_trainer", "rollout_batch"]
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "creditlab_"
 V1_TRAINER_MODE = "creditlab_sync"
 # RolloutBatch field <- DataProto.batch key (verl's names). Prompt fields come from `prompts` + `attention_mask`.
 DATAPROTO_FIELDS: dict[str, str] = {
@@ -56,8 +70,7 @@ DATAPROTO_FIELDS: dict[str, str] = {
     "ref_logprobs": "ref_log_prob",
     "values": "values",
     "entropies": "entropys",
-}
-_ALWAYS = ("response_mask", "group_ids", "rewards", "token_rewards")  # built from what verl always passes
+}  # legacy DataProto keys; the v1 trainer's TransferQueue keys are `verl_hook.V1_FIELDS`
 _extra: ContextVar[dict[str, Tensor] | None] = ContextVar("creditlab_verl_fields", default=None)
 _registered: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
 _problems: list[str] = []
@@ -65,8 +78,12 @@ _problems: list[str] = []
 
 # ---------------------------------------------------------------- the adv-estimator functions
 def rollout_batch(token_level_rewards: Tensor, response_mask: Tensor, index: Any,
-                  extra: dict[str, Tensor] | None = None) -> RolloutBatch:
-    """The `RolloutBatch` for verl's estimator arguments (+ fields from the trainer hook)."""
+                  extra: dict[str, Any] | None = None) -> RolloutBatch:
+    """The `RolloutBatch` for verl's estimator arguments (+ fields from the trainer hook).
+
+    Hook fields of shape [B,T] must match verl's response_mask and their floats are zeroed outside it; [B,S]
+    step fields and [B] row fields are taken as they are (their padding is their own).
+    """
     if index is None:
         raise ValueError("creditlab estimators need verl's `uid` (index) to group responses to one prompt; "
                          "the batch has no non_tensor_batch['uid']")
@@ -74,31 +91,38 @@ def rollout_batch(token_level_rewards: Tensor, response_mask: Tensor, index: Any
     _, inverse = np.unique(np.asarray(index, dtype=object).astype(str), return_inverse=True)
     group_ids = torch.as_tensor(inverse.reshape(-1), dtype=torch.long, device=mask.device)  # [B]
     token_rewards = torch.where(mask, token_level_rewards.float(), 0.0)  # [B,T]
-    fields: dict[str, Tensor] = {"response_ids": torch.zeros_like(mask, dtype=torch.long)}  # placeholder
+    fields: dict[str, Any] = {"response_ids": torch.zeros_like(mask, dtype=torch.long)}  # placeholder
     for name, value in (extra or {}).items():
-        if tuple(value.shape[:2]) != tuple(mask.shape) and FIELDS[name].shape[:2] == ("B", "T"):
-            raise ValueError(f"trainer hook gave RolloutBatch.{name} of shape {tuple(value.shape)}, but verl's "
-                             f"response_mask has shape {tuple(mask.shape)} (batch rows out of step?)")
+        spec = FIELDS[name]
+        if spec.kind == "list":
+            fields[name] = list(value)
+            continue
+        if value.shape[0] != mask.shape[0] or (spec.shape == ("B", "T") and tuple(value.shape) != tuple(mask.shape)):
+            raise ValueError(f"trainer hook gave RolloutBatch.{name} of shape {tuple(value.shape)} "
+                             f"[{','.join(spec.shape)}], but verl's response_mask has shape {tuple(mask.shape)} "
+                             "(batch rows out of step?)")
         value = value.to(mask.device)
-        fields[name] = torch.where(mask, value, 0) if value.dtype.is_floating_point else value
+        if spec.shape == ("B", "T") and value.dtype.is_floating_point:
+            value = torch.where(mask, value, torch.zeros((), dtype=value.dtype, device=mask.device))
+        fields[name] = value
     return RolloutBatch(response_mask=mask, group_ids=group_ids, rewards=token_rewards.sum(-1),
                         token_rewards=token_rewards, **fields)
 
 
 def _make_adv_fn(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
     spec = get_spec(name)
-    hookable = [f for f in spec.needs if f not in _ALWAYS]
+    hookable = [f for f in spec.needs if f not in ALWAYS]
 
     def adv_fn(token_level_rewards: Tensor, response_mask: Tensor, index: Any = None, config: Any = None,
                **_: Any) -> tuple[Tensor, Tensor]:
-        extra = _extra.get() or {}
-        missing = [f for f in hookable if f not in extra]
+        extra = _extra.get()
+        missing = [f for f in hookable if f not in (extra or {})]
         if missing:
-            raise ValueError(_hook_error(name, missing))
+            raise ValueError(_hook_error(name, missing, hooked=extra is not None))
         batch = rollout_batch(token_level_rewards, response_mask, index, extra)
-        kwargs = _estimator_kwargs(config)
+        kwargs = estimator_kwargs(config)
         credit = spec.fn(batch, **kwargs)
-        if "response_ids" not in extra:
+        if "response_ids" not in (extra or {}):
             _check_ignores_token_ids(name, spec.fn, batch, kwargs, credit.advantages)
         advantages = credit.advantages.to(torch.float32)
         returns = advantages if credit.returns is None else credit.returns.to(torch.float32)
@@ -111,10 +135,14 @@ def _make_adv_fn(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
     return adv_fn
 
 
-def _hook_error(name: str, missing: list[str]) -> str:
-    return (f"verl estimator {PREFIX}{name!r} needs RolloutBatch field(s) {missing}, which verl does not pass to "
+def _hook_error(name: str, missing: list[str], hooked: bool = False) -> str:
+    if hooked:  # inside batch_fields (creditlab_sync, compute_advantage or a custom trainer) but not supplied
+        return (f"verl estimator '{PREFIX}{name}' needs RolloutBatch field(s) {missing}, which the trainer hook "
+                f"did not supply: pass them to batch_fields(...) (custom trainers), or configure the creditlab_sync "
+                f"hook (see creditlab.integrations.verl_hook; its check_config names what is missing)")
+    return (f"verl estimator '{PREFIX}{name}' needs RolloutBatch field(s) {missing}, which verl does not pass to "
             f"advantage estimators. Supply them with the creditlab trainer hook: "
-            f"trainer.v1.trainer_mode={V1_TRAINER_MODE} (v1 trainer), "
+            f"trainer.v1.trainer_mode={V1_TRAINER_MODE} (v1 trainer; checks everything at trainer start), "
             f"creditlab.integrations.verl.compute_advantage(data, ...) (legacy/custom trainers), or "
             f"`with creditlab.integrations.verl.batch_fields(data): ...`. DataProto keys read: {DATAPROTO_FIELDS}")
 
@@ -133,22 +161,6 @@ def _check_ignores_token_ids(name: str, fn: Callable[..., Any], batch: RolloutBa
     other = fn(batch.replace(response_ids=distinct), **kwargs).advantages
     if not torch.allclose(other, advantages, atol=1e-6, rtol=1e-5):
         raise ValueError(_hook_error(name, ["response_ids"]) + f" ({name!r} reads the response token ids.)")
-
-
-def _estimator_kwargs(config: Any) -> dict[str, Any]:
-    if config is None:
-        return {}
-    kwargs = config.get("creditlab_kwargs", None) if hasattr(config, "get") else None
-    if kwargs is None:
-        return {}
-    try:  # an omegaconf DictConfig
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(kwargs):
-            return dict(OmegaConf.to_container(kwargs, resolve=True))
-    except ImportError:  # pragma: no cover - omegaconf comes with verl
-        pass
-    return dict(kwargs)
 
 
 def register_all() -> list[str]:
@@ -171,13 +183,13 @@ def register_all() -> list[str]:
 
 # ---------------------------------------------------------------- the trainer hook
 @contextlib.contextmanager
-def batch_fields(data: Any = None, **fields: Tensor) -> Iterator[dict[str, Tensor]]:
+def batch_fields(data: Any = None, **fields: Any) -> Iterator[dict[str, Any]]:
     """Make RolloutBatch fields from a verl `DataProto` (and/or given as keywords) visible to the estimators.
 
     `data.batch` keys are read through `DATAPROTO_FIELDS`; `prompt_ids`/`prompt_mask` come from `prompts` and the
     prompt part of `attention_mask`. Keywords are RolloutBatch field names and win over `data`.
     """
-    found: dict[str, Tensor] = {}
+    found: dict[str, Any] = {}
     if data is not None:
         tensors = data.batch
         keys = set(tensors.keys())
@@ -200,13 +212,37 @@ def batch_fields(data: Any = None, **fields: Tensor) -> Iterator[dict[str, Tenso
         _extra.reset(token)
 
 
-def compute_advantage(data: Any, adv_estimator: Any, *args: Any, **kwargs: Any) -> Any:
+def compute_advantage(data: Any, adv_estimator: Any, *args: Any, tokenizer: Any = None, **kwargs: Any) -> Any:
     """Drop-in for `verl.trainer.ppo.ray_trainer.compute_advantage` that also hands the estimator the batch's
-    token ids and other fields (`batch_fields(data)`). Use it in a legacy `RayPPOTrainer` subclass or custom loop."""
+    token ids and other fields (`batch_fields(data)`). Use it in a legacy `RayPPOTrainer` subclass or custom loop.
+
+    Step signals, planning tokens, texts and per-row fields (`verl_hook.HOOK_MADE`) are made from `responses` and
+    the reward function's extra info, which legacy trainers keep as `data.non_tensor_batch[key]`; they need the
+    `tokenizer` and the algorithm config (`config=`, read for `creditlab_steps` and friends).
+    """
     from verl.trainer.ppo.ray_trainer import compute_advantage as verl_compute_advantage
 
-    with batch_fields(data):
+    made = _made_fields(data, str(adv_estimator), tokenizer, kwargs.get("config"))
+    with batch_fields(data, **made):
         return verl_compute_advantage(data, adv_estimator, *args, **kwargs)
+
+
+def _made_fields(data: Any, adv_estimator: str, tokenizer: Any, config: Any) -> dict[str, Any]:
+    if not adv_estimator.startswith(PREFIX) or adv_estimator[len(PREFIX):] not in list_estimators():
+        return {}
+    names = set(get_spec(adv_estimator[len(PREFIX):]).needs) & set(HOOK_MADE) - {"prompt_ids", "prompt_mask"}
+    if not names:
+        return {}
+    if tokenizer is None:
+        raise ValueError(f"{adv_estimator} needs {sorted(names)}, made from the decoded responses: pass "
+                         "compute_advantage(..., tokenizer=<the trainer's tokenizer>)")
+    response_mask = data.batch["response_mask"] if "response_mask" in data.batch.keys() else None
+    if response_mask is None:
+        raise ValueError("the DataProto has no response_mask")
+    extra = data.non_tensor_batch
+    infos = [{k: v[b] for k, v in extra.items()} for b in range(len(response_mask))]
+    return signal_fields(names, data.batch["responses"], response_mask, tokenizer, HookConfig.from_algorithm(config),
+                         infos)
 
 
 def register_v1_trainer(mode: str = V1_TRAINER_MODE) -> type:
@@ -228,21 +264,51 @@ def register_v1_trainer(mode: str = V1_TRAINER_MODE) -> type:
 
         creditlab_hook = True
 
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            check_config(config)  # before any worker, model or dataset is started
+            super().__init__(config, *args, **kwargs)
+
         def _compute_advantage(self, batch: Any, metrics: dict) -> Any:
             name = str(self.config.algorithm.adv_estimator)
             if not name.startswith(PREFIX):
                 return super()._compute_advantage(batch, metrics)
-            needs = [f for f in get_spec(name[len(PREFIX):]).needs if f in DATAPROTO_FIELDS]
-            if not needs:
+            fields = hook_fields(tq, batch, set(get_spec(name[len(PREFIX):]).needs), self.tokenizer,
+                                 HookConfig.from_algorithm(self.config.algorithm))
+            if not fields:
                 return super()._compute_advantage(batch, metrics)
-            keys = [DATAPROTO_FIELDS[f] for f in needs]
-            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=keys)
-            fields = {f: data[k].to_padded_tensor(padding=0) if data[k].is_nested else data[k]
-                      for f, k in zip(needs, keys)}  # [B, T], T = the longest response, as verl pads
             with batch_fields(**fields):
                 return super()._compute_advantage(batch, metrics)
 
     return register_trainer(mode)(CreditlabPPOTrainerSync)
+
+
+def hook_fields(tq: Any, batch: Any, needs: set[str], tokenizer: Any, hook: HookConfig) -> dict[str, Any]:
+    """The fields in `needs` read from TransferQueue for one v1 batch (same keys and row order as verl's own
+    `_compute_advantage`; ragged rows padded to the longest response, as verl pads)."""
+    read = {f: V1_FIELDS[f] for f in needs if f in V1_FIELDS}
+    made = needs & set(HOOK_MADE)
+    select = set(read.values()) | ({"responses", "response_mask"} if made else set())
+    select |= {"extra_fields"} if made & {"step_rewards", "step_labels", *hook.row_fields} else set()
+    select |= {"prompts"} if made & {"prompt_ids", "prompt_mask"} else set()
+    if not select:
+        return {}
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=sorted(select))
+
+    def padded(key: str) -> Tensor:
+        return data[key].to_padded_tensor(padding=0) if data[key].is_nested else data[key]
+
+    fields: dict[str, Any] = {f: padded(k) for f, k in read.items()}  # [B, T]
+    if made - {"prompt_ids", "prompt_mask"}:
+        infos = None
+        if "extra_fields" in select:  # each row's reward_extra_info; list() as verl normalizes non-tensor fields
+            infos = [x.get("reward_extra_info", {}) if isinstance(x, dict) else {} for x in list(data["extra_fields"])]
+        fields.update(signal_fields(made - {"prompt_ids", "prompt_mask"}, padded("responses").long(),
+                                    padded("response_mask"), tokenizer, hook, infos))
+    if "prompts" in select:
+        prompts = data["prompts"]
+        rows = list(prompts.unbind(0)) if prompts.is_nested else list(prompts)
+        fields["prompt_ids"], fields["prompt_mask"] = left_pad(rows, getattr(tokenizer, "pad_token_id", 0) or 0)
+    return {k: v for k, v in fields.items() if k in needs}
 
 
 # ---------------------------------------------------------------- self-check

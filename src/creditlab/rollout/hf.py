@@ -25,7 +25,10 @@ same code serves prompts and arbitrary prefixes.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +36,7 @@ from transformers import PreTrainedModel
 
 from creditlab.batch import RolloutBatch
 from creditlab.policy import Policy
+from creditlab.rollout.head import DEFAULT_CHUNK_LOGITS, head_logprobs
 from creditlab.signals.entropy import self_certainty, token_entropy
 
 
@@ -132,44 +136,67 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
 @torch.no_grad()
 def sample_tokens(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, cfg: SamplingConfig, *,
                   generator: torch.Generator, stop_ids: list[int], pad_id: int,
-                  expand: Tensor | None = None) -> Sampled:
+                  expand: Tensor | None = None, compact: float = 0.75) -> Sampled:
     """KV-cached autoregressive sampling from left-padded inputs [N, L]; stops early once every row has stopped.
 
     `expand` ([B] long, optional): output row b continues input row expand[b]. The inputs are prefilled once and
     their KV cache is indexed out to the B rows (n samples of one prompt share its prefill); without it B = N.
+    Finished rows leave the batch: whenever the rows still sampling fall to `compact` × the rows in the forward
+    (0.75 by default; 0 never), the KV cache, mask and positions are indexed down to them, so later steps run
+    only those rows (`model.generate` keeps computing finished rows to the end). Tokens are drawn for the rows
+    in the forward, so the random stream depends on `compact` (greedy decoding does not).
     The model runs in eval mode (restored afterwards) and under bf16 autocast when `cfg.bf16`.
     """
     was_training = model.training
     model.eval()
+    device = input_ids.device
     mask = attention_mask.long()  # [N, L]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, L] left padding does not shift positions
     cols: list[tuple[Tensor, ...]] = []
     try:
-        with torch.autocast(device_type=input_ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1)
-            cache, logits = out.past_key_values, out.logits[:, -1]  # logits: [N, V]
+            cache, logits = output_cache(out), out.logits[:, -1]  # logits: [N, V]
             if expand is not None:  # one prefill per distinct input, then one cache row per sample
                 cache.batch_select_indices(expand)
                 logits, mask, positions = logits[expand], mask[expand], positions[expand]
             B = mask.shape[0]
-            stops = torch.tensor(stop_ids, device=input_ids.device)
-            alive = torch.ones(B, dtype=torch.bool, device=input_ids.device)  # [B] not yet past a stop token
+            stops = torch.tensor(stop_ids, device=device)
+            rows = torch.arange(B, device=device)  # [b] output row of each row in the forward
+            live = torch.ones(B, dtype=torch.bool, device=device)  # [b] not yet past a stop token
             for _ in range(cfg.max_new_tokens):
-                token, stats = _sample_step(logits.float(), cfg, generator)  # [B], 4 x [B]
-                token = torch.where(alive, token, torch.full_like(token, pad_id))
-                cols.append((token, alive.clone(), *stats))
-                alive &= ~torch.isin(token, stops)
-                if not bool(alive.any()):
+                token, stats = _sample_step(logits.float(), cfg, generator)  # [b], 4 x [b]
+                token = torch.where(live, token, torch.full_like(token, pad_id))
+                cols.append(_scatter_column(rows, B, pad_id, token, live, stats))
+                live &= ~torch.isin(token, stops)
+                n_live = int(live.sum())
+                if n_live == 0:
                     break
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # [B, L + t + 1]
-                positions = positions[:, -1:] + 1  # [B, 1]
+                if n_live <= compact * live.numel():  # drop finished rows from the forward
+                    keep = live.nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    rows, live, token, mask, positions = rows[keep], live[keep], token[keep], mask[keep], \
+                        positions[keep]
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [b, L + t + 1]
+                positions = positions[:, -1:] + 1  # [b, 1]
                 out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[:, -1]
+                            use_cache=True, **{cache_kwarg(model): cache})
+                cache, logits = output_cache(out), out.logits[:, -1]
     finally:
         model.train(was_training)
-    return _stack(cols, B, input_ids.device)
+    return _stack(cols, B, device)
+
+
+def _scatter_column(rows: Tensor, B: int, pad_id: int, token: Tensor, live: Tensor,
+                    stats: list[Tensor]) -> tuple[Tensor, ...]:
+    """One decoding step's values for the rows in the forward [b] -> full columns [B] (pad / False / 0 elsewhere)."""
+    if rows.numel() == B:
+        return (token, live.clone(), *stats)
+    full_token = torch.full((B,), pad_id, dtype=token.dtype, device=token.device).index_copy(0, rows, token)
+    full_live = torch.zeros(B, dtype=torch.bool, device=token.device).index_copy(0, rows, live)
+    return (full_token, full_live, *(torch.zeros(B, dtype=x.dtype, device=x.device).index_copy(0, rows, x)
+                                     for x in stats))
 
 
 def _sample_step(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
@@ -206,16 +233,59 @@ def _stack(cols: list[tuple[Tensor, ...]], B: int, device: torch.device) -> Samp
     return Sampled(token, alive, *(s.masked_fill(~alive, 0.0) for s in stats))
 
 
+# Model types whose causal-LM forward is exactly `logits = lm_head(trunk(...).last_hidden_state)` (no logit scaling
+# or soft-capping), so `sequence_logprobs` can run the trunk and the head separately; others take the full-logits path.
+HEAD_SPLIT_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "gpt2"})
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward keyword that takes a KV cache: `cache` (transformers >= 5.2x, which warns on the old name) or
+    `past_key_values` (older releases, e.g. the one verl pins)."""
+    return _cache_kwarg(type(model))
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output (`cache`, or `past_key_values` before the rename)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def split_head(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(trunk, lm_head) when the model's logits are lm_head(trunk's last hidden state), else None."""
+    if getattr(model.config, "model_type", None) not in HEAD_SPLIT_TYPES:
+        return None
+    trunk = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings()
+    if trunk is None or trunk is model or not isinstance(head, torch.nn.Linear):
+        return None
+    return trunk, head
+
+
 def sequence_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                       response_mask: Tensor, *, temperature: float = 1.0, with_entropy: bool = False,
-                      share_prompts: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Log-probs [B, T] of the response tokens (and entropies [B, T] if asked).
+                      share_prompts: bool = True, return_hidden: bool = False, full_logits: bool = False,
+                      chunk_logits: int = DEFAULT_CHUNK_LOGITS) -> tuple[Tensor, ...]:
+    """Log-probs [B, T] of the response tokens (and entropies [B, T] if asked): `(logp, entropy or None)`, plus the
+    hidden states when `return_hidden`: `(logp, entropy, hidden)`.
 
     Scores softmax(z / temperature) (temperature 0 scores at 1, as `generate` does); differentiable when called
     with grad enabled; exactly 0 outside `response_mask`. Every response position is attended (padding after
     EOS only follows valid tokens, so causality keeps it out), which also keeps masked observation tokens of
-    multi-turn rows visible. Only the T needed logits rows are computed; the log-prob is
-    z[token] - logsumexp(z), avoiding a [B, T, V] log_softmax copy.
+    multi-turn rows visible.
+
+    The model's trunk runs once and the LM head runs on chunks of the valid positions (`rollout.head`): no
+    [B, T, V] logits tensor exists, forward or backward, and padding positions cost no head matmul. Models whose
+    logits are not plainly lm_head(hidden) (`HEAD_SPLIT_TYPES`), or `full_logits=True`, take the full-logits path
+    (the T needed logits rows, z[token] - logsumexp(z)); both give the same numbers up to float reassociation.
+
+    `hidden` [B, T, D]: the last hidden state (after the final norm) at the position that predicts response token
+    t, i.e. the state before token t, aligned with `response_ids` (for a value head on the policy's trunk); not
+    zeroed outside the mask. On the full-logits path it is the model's last `hidden_states` entry.
 
     `share_prompts`: rows with identical prompts (a GRPO group) run the prompt through the model once; its KV
     cache is then indexed out to every row of the group and the responses run on top of it. Same numbers up to
@@ -223,27 +293,67 @@ def sequence_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: T
     (G - 1) / G fewer prompt tokens through the forward and backward. Falls back to one forward over
     prompt + response when no prompt repeats or the model's cache cannot be re-indexed.
     """
-    T = response_ids.shape[1]
-    logits = _shared_prompt_logits(model, prompt_ids, prompt_mask, response_ids) if share_prompts else None
-    if logits is None:
-        ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P + T]
-        mask = torch.cat([prompt_mask.long(), torch.ones_like(response_ids)], dim=1)  # [B, P + T]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                       logits_to_keep=T + 1).logits[:, :-1]  # [B, T, V] predicts response token t
-    logits = logits.float()
     tau = scoring_temperature(temperature)
+    split = None if full_logits else split_head(model)
+    if split is None:
+        logp, entropy, hidden = _full_logits_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask,
+                                                      tau, with_entropy, share_prompts, return_hidden)
+    else:
+        trunk, head = split
+        hidden = _response_hidden(trunk, prompt_ids, prompt_mask, response_ids, share_prompts)  # [B, T, D]
+        logp, entropy = head_logprobs(hidden, head, response_ids, response_mask, temperature=tau,
+                                      with_entropy=with_entropy, chunk_logits=chunk_logits)
+    return (logp, entropy, hidden) if return_hidden else (logp, entropy)
+
+
+def _response_hidden(trunk: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                     share_prompts: bool) -> Tensor:
+    """Last hidden states [B, T, D] at the positions predicting each response token (prompt shared when it pays)."""
+    T = response_ids.shape[1]
+    hidden = _shared_prompt_states(trunk, prompt_ids, prompt_mask, response_ids, hidden=True) if share_prompts \
+        else None
+    if hidden is None:
+        ids, mask, positions = _joined(prompt_ids, prompt_mask, response_ids)
+        out = trunk(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        hidden = out.last_hidden_state[:, -T - 1:-1]  # [B, T, D]: position P - 1 + t predicts response token t
+    return hidden
+
+
+def _joined(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Prompt + response as one left-padded sequence: (ids, attention mask, position ids), each [B, P + T]."""
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    mask = torch.cat([prompt_mask.long(), torch.ones_like(response_ids)], dim=1)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _full_logits_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                          response_mask: Tensor, tau: float, with_entropy: bool, share_prompts: bool,
+                          return_hidden: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The [B, T, V]-logits path (any causal LM): only the T needed logits rows, z[token] - logsumexp(z)."""
+    T = response_ids.shape[1]
+    logits, hidden = None, None
+    if share_prompts and not return_hidden:
+        logits = _shared_prompt_states(model, prompt_ids, prompt_mask, response_ids, hidden=False)
+    if logits is None:
+        ids, mask, positions = _joined(prompt_ids, prompt_mask, response_ids)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                    logits_to_keep=T + 1, output_hidden_states=return_hidden)
+        logits = out.logits[:, :-1]  # [B, T, V] predicts response token t
+        hidden = out.hidden_states[-1][:, -T - 1:-1] if return_hidden else None  # [B, T, D]
+    logits = logits.float()
     if tau != 1.0:
         logits = logits / tau
     logp = logits.gather(-1, response_ids[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [B, T]
     logp = logp.masked_fill(~response_mask, 0.0)
     entropy = token_entropy(logits).masked_fill(~response_mask, 0.0) if with_entropy else None
-    return logp, entropy
+    return logp, entropy, hidden
 
 
-def _shared_prompt_logits(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor,
-                          response_ids: Tensor) -> Tensor | None:
-    """Logits [B, T, V] predicting each response token, with each distinct prompt run once; None if not worth it."""
+def _shared_prompt_states(module: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, *,
+                          hidden: bool) -> Tensor | None:
+    """[B, T, *] outputs at the positions predicting each response token, each distinct prompt run once: the last
+    hidden states [B, T, D] of a trunk (`hidden=True`) or the logits [B, T, V] of a causal LM. None when no prompt
+    repeats or the cache cannot be re-indexed."""
     B, P = prompt_ids.shape
     T = response_ids.shape[1]
     if P == 0 or T == 0:
@@ -256,14 +366,18 @@ def _shared_prompt_logits(model: PreTrainedModel, prompt_ids: Tensor, prompt_mas
     first = torch.full((U,), B, device=prompt_ids.device).scatter_reduce(
         0, inverse, torch.arange(B, device=prompt_ids.device), reduce="amin")  # [U] a row holding each prompt
     p_mask = prompt_mask[first].long()  # [U, P]
-    out = model(input_ids=prompt_ids[first], attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    last = {} if hidden else {"logits_to_keep": 1}
+    out = module(input_ids=prompt_ids[first], attention_mask=p_mask,
+                 position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **last)
+    cache = output_cache(out)
     if not hasattr(cache, "batch_select_indices"):
         return None
     cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...]; differentiable indexing
     mask = torch.cat([prompt_mask.long(), torch.ones_like(response_ids)], dim=1)  # [B, P + T]
     positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T, device=prompt_ids.device)  # [B, T]
-    resp = model(input_ids=response_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, logits_to_keep=T).logits  # [B, T, V]; position t predicts token t + 1
-    return torch.cat([out.logits[inverse], resp[:, :-1]], dim=1)  # [B, T, V]
+    keep = {} if hidden else {"logits_to_keep": T}
+    resp = module(input_ids=response_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                  **{cache_kwarg(module): cache}, **keep)
+    first_out = out.last_hidden_state[:, -1:] if hidden else out.logits  # [U, 1, *]: predicts response token 0
+    rest = resp.last_hidden_state if hidden else resp.logits  # [B, T, *]; position t predicts token t + 1
+    return torch.cat([first_out[inverse], rest[:, :-1]], dim=1)  # [B, T, *]

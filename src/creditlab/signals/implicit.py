@@ -6,7 +6,16 @@
 
 Token reward (methods.md §8.4, §6.4): q_t = log π_φ(y_t|·) − log π_ref(y_t|·) on valid tokens, 0 elsewhere.
 Step reward ρ_k = β Σ_{t ∈ step k} q_t ([B,S]; tokens in no step, e.g. separators, are left out of every step).
-At initialisation π_φ = π_ref, so q ≡ 0 and there is no process signal until the PRM has trained.
+
+The denominator π_ref (``reference=``) follows each paper's reference code:
+
+- ``"frozen"`` (default for ``mode="prime"``): a frozen copy of the initial π_φ (PRIME's ``ref_type: freeze``).
+  At initialisation π_φ = π_ref, so q ≡ 0 and there is no process signal until the PRM has trained.
+- ``"old_policy"`` (default for ``mode="oprl"``): the rollout (old) policy's log-probs, ``batch.logprobs``. iStar's
+  script sets ``ref_path=null``, and its ``dp_rm.py`` then divides by the batch's ``old_log_probs`` in both the
+  step reward and the PRM loss. No reference model is kept and ``ref_logprobs`` is not produced. ``batch.logprobs``
+  refer to the sampling temperature; π_φ is scored at this scorer's ``temperature`` (1.0 by default, as iStar's
+  reward model, which applies no temperature).
 
 Online update of π_φ (``update``), one optimizer step per call:
 
@@ -38,6 +47,7 @@ from creditlab.signals.prm import Scorer, register_scorer
 from creditlab.signals.steps import n_steps_of, step_sum
 
 MODES = ("prime", "oprl")
+REFERENCES = ("frozen", "old_policy")
 
 
 def implicit_q(prm_logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
@@ -86,9 +96,11 @@ class ImplicitPRMScorer(Scorer):
     Args:
         model: π_φ's initial weights: a `Policy`, a model, or a name for `load_policy`; None copies
             ``ctx.policy.model`` at the first call. The scorer trains its own deep copy.
-        ref_model: the frozen reference (default: a frozen copy of the initial π_φ).
+        ref_model: the frozen reference (default: a frozen copy of the initial π_φ); only with reference="frozen".
         mode: "prime" | "oprl" (the ``update`` loss); beta: β; lr: AdamW learning rate; grad_clip: max grad norm
-            (default 1.0 for prime, 10.0 for oprl); temperature: scoring temperature of both models.
+            (default 1.0 for prime, 10.0 for oprl); temperature: scoring temperature of the models.
+        reference: the denominator π_ref: "frozen" (a frozen model) or "old_policy" (``batch.logprobs``);
+            None picks the mode's reference-code choice: "frozen" for prime, "old_policy" for oprl.
         steps, pattern: step split rule used when the batch has no ``step_ids``.
     """
 
@@ -97,11 +109,16 @@ class ImplicitPRMScorer(Scorer):
 
     def __init__(self, model: Any = None, *, ref_model: Any = None, mode: str = "prime", beta: float = 0.05,
                  lr: float = 1e-6, grad_clip: float | None = None, temperature: float = 1.0,
-                 steps: str = "newline", pattern: str | None = None) -> None:
+                 reference: str | None = None, steps: str = "newline", pattern: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown implicit PRM mode {mode!r}; valid: {list(MODES)}")
+        reference = reference if reference is not None else ("frozen" if mode == "prime" else "old_policy")
+        if reference not in REFERENCES:
+            raise ValueError(f"unknown implicit PRM reference {reference!r}; valid: {list(REFERENCES)}")
+        if reference == "old_policy" and ref_model is not None:
+            raise ValueError("ref_model= needs reference='frozen' (reference='old_policy' divides by batch.logprobs)")
         super().__init__(steps, pattern)
-        self.mode, self.beta, self.lr, self.temperature = mode, beta, lr, temperature
+        self.mode, self.beta, self.lr, self.temperature, self.reference = mode, beta, lr, temperature, reference
         self.grad_clip = grad_clip if grad_clip is not None else (1.0 if mode == "prime" else 10.0)
         self.prm: torch.nn.Module | None = None
         self.ref: torch.nn.Module | None = None
@@ -122,25 +139,37 @@ class ImplicitPRMScorer(Scorer):
             model = load_policy(model)
         model = _unwrap(model)
         self.prm = copy.deepcopy(model).eval().requires_grad_(True)
-        self.ref = copy.deepcopy(_unwrap(ref_model) if ref_model is not None else model).eval().requires_grad_(False)
+        if self.reference == "frozen":
+            ref = _unwrap(ref_model) if ref_model is not None else model
+            self.ref = copy.deepcopy(ref).eval().requires_grad_(False)
         self.optim = torch.optim.AdamW(self.prm.parameters(), lr=self.lr, weight_decay=0.0)
 
     def _ensure(self, ctx: Any) -> None:
         if self.prm is None:
             self._init_models(ctx.policy.model)
+            self._apply_pending()  # a resumed scorer: the copied architecture gets the checkpointed weights
 
     def logprobs(self, batch: RolloutBatch, *, grad: bool = False) -> tuple[Tensor, Tensor]:
-        """(prm_logp, ref_logp), each [B,T] and 0 outside the mask; ``grad`` keeps π_φ's graph."""
+        """(prm_logp, ref_logp), each [B,T] and 0 outside the mask; ``grad`` keeps π_φ's graph.
+
+        ref_logp is the frozen reference's, or ``batch.logprobs`` (the old policy) with reference="old_policy".
+        """
         from creditlab.rollout.hf import sequence_logprobs
 
         if batch.prompt_ids is None or batch.prompt_mask is None:
             raise ValueError("the implicit PRM needs RolloutBatch.prompt_ids/prompt_mask (from the rollout engine)")
+        if self.reference == "old_policy" and batch.logprobs is None:
+            raise ValueError("the implicit PRM with reference='old_policy' (OPRL/iStar) needs RolloutBatch.logprobs, "
+                             "the rollout policy's log-probs (the rollout engine, return_logprobs=True)")
         args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
         # One forward per row (no prompt sharing): the shared-prompt path's last bits depend on the module's
         # requires_grad state (we measured 5e-7 between a trainable and a frozen copy of one model), and
         # π_φ = π_ref at initialisation must give q ≡ 0 exactly.
-        with torch.no_grad():
-            ref_logp, _ = sequence_logprobs(self.ref, *args, temperature=self.temperature, share_prompts=False)
+        if self.reference == "old_policy":
+            ref_logp = torch.where(batch.response_mask, batch.logprobs.float(), torch.zeros(()))
+        else:
+            with torch.no_grad():
+                ref_logp, _ = sequence_logprobs(self.ref, *args, temperature=self.temperature, share_prompts=False)
         with torch.set_grad_enabled(grad):
             prm_logp, _ = sequence_logprobs(self.prm, *args, temperature=self.temperature, share_prompts=False)
         return prm_logp, ref_logp
@@ -158,15 +187,17 @@ class ImplicitPRMScorer(Scorer):
         if bool(bad.any()):
             self.count("nan_count", int(bad.sum()))
             rewards = rewards.masked_fill(bad, 0.0)
-        return {"step_ids": step_ids, "step_rewards": rewards, "prm_logprobs": prm_logp.detach(),
-                "ref_logprobs": ref_logp}
+        fields = {"step_ids": step_ids, "step_rewards": rewards, "prm_logprobs": prm_logp.detach()}
+        if self.reference == "frozen":  # the old policy's log-probs are batch.logprobs already
+            fields["ref_logprobs"] = ref_logp
+        return fields
 
     def score_steps(self, batch: RolloutBatch, ctx: Any) -> Tensor:
         """``step_rewards [B,S]`` on ``batch.step_ids`` (or this scorer's own split when the batch has none)."""
         return self._fields(batch, ctx, self._step_ids(batch, ctx))["step_rewards"]
 
     def produce(self, batch: RolloutBatch, ctx: Any) -> dict[str, Tensor]:
-        """step_ids, step_rewards, prm_logprobs and ref_logprobs from one forward pass of each model."""
+        """step_ids, step_rewards, prm_logprobs (and ref_logprobs with a frozen reference), one forward per model."""
         return self._fields(batch, ctx, self._step_ids(batch, ctx))
 
     def _labels(self, batch: RolloutBatch, ctx: Any) -> Tensor:
@@ -202,3 +233,38 @@ class ImplicitPRMScorer(Scorer):
         gap = whole[right].mean() - whole[wrong].mean() if bool(right.any() and wrong.any()) else whole.sum() * 0
         return {**metrics, "implicit/loss": loss.item(), "implicit/grad_norm": float(grad_norm),
                 "implicit/reward_gap_before": gap.item()}
+
+    # ------------------------------------------------------------------ checkpointing (exact resume)
+    def state_dict(self) -> dict[str, Any]:
+        """π_φ, π_ref (None with reference="old_policy") and π_φ's optimizer, tensors and plain values;
+        ``initialized`` is False before the first call has copied the policy."""
+        pending = getattr(self, "_pending", None)
+        if pending is not None:
+            return pending
+        if self.prm is None:
+            return {"initialized": False}
+        return {"initialized": True, "prm": self.prm.state_dict(),
+                "ref": self.ref.state_dict() if self.ref is not None else None, "optim": self.optim.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`. A scorer that copies the policy lazily keeps the state until its first call
+        (the copy gives the architecture; the checkpoint gives the weights)."""
+        if "initialized" not in state:
+            raise ValueError("the checkpoint holds no implicit PRM state (written before creditlab saved it?): "
+                             "the online PRM cannot be resumed exactly")
+        self._pending = dict(state) if state["initialized"] else None
+        if self.prm is not None:
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        state = getattr(self, "_pending", None)
+        if state is None:
+            return
+        if (state.get("ref") is None) != (self.ref is None):
+            raise ValueError(f"the checkpoint's implicit PRM {'has no' if state.get('ref') is None else 'has a'} "
+                             f"frozen reference, this one uses reference={self.reference!r}")
+        self.prm.load_state_dict(state["prm"])
+        if self.ref is not None:
+            self.ref.load_state_dict(state["ref"])
+        self.optim.load_state_dict(state["optim"])
+        self._pending = None

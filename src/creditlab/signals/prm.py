@@ -225,6 +225,16 @@ class OracleScorer(Scorer):
         out = torch.where(valid, out + self.bias, torch.zeros_like(out))
         return out.to(batch.response_ids.device)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The noise generator's state: a resumed run draws the same flips as an uninterrupted one."""
+        return {"generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self._gen.set_state(state["generator"])
+        elif self.noise > 0:
+            raise ValueError("the checkpoint holds no oracle noise-generator state: cannot resume the flips exactly")
+
 
 # ------------------------------------------------------------------------------------------- discriminative PRM
 
@@ -479,3 +489,12 @@ class JudgeScorer(Scorer):
             self.count("flagged_steps", rows[b].count(0.0))
         self.count("critiques", sum(len(c) for c in all_critiques))
         return self._pad(rows, batch, seg)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The call counter that seeds the judge's sampling (the judge model itself is frozen)."""
+        return {"calls": self._calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "calls" not in state:
+            raise ValueError("the checkpoint holds no judge call counter: the critiques cannot be resumed exactly")
+        self._calls = int(state["calls"])

@@ -11,6 +11,7 @@ gold answer of 1/2. math-verify's timeouts use ``signal.alarm``, which only work
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import threading
@@ -32,16 +33,65 @@ _CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations, e.g. "
 
 
 def load_rows(path: str | Path) -> list[dict[str, str]]:
-    """Rows ``{"question", "answer"}`` of a local ``.jsonl`` / ``.json`` / ``.parquet`` file, via ``datasets``."""
-    from datasets import load_dataset
+    """Rows ``{"question", "answer"}`` of a local file: JSON lines (``.jsonl``, or ``.json`` holding one object per
+    line), a ``.json`` array of objects, or ``.parquet``.
 
+    Bad input raises a one-line ValueError naming the file and, for text files, the line: not UTF-8 text, not JSON,
+    not an object, a missing or non-string ``question``/``answer``, an answer without its ``#### N`` final answer.
+    """
     path = Path(path)
-    builder = "parquet" if path.suffix == ".parquet" else "json"
-    data = load_dataset(builder, data_files=str(path), split="train")
-    missing = {"question", "answer"} - set(data.column_names)
+    if not path.is_file():
+        raise ValueError(f"gsm8k file {path} " + ("is not a file" if path.exists() else "does not exist"))
+    if path.suffix == ".parquet":
+        return [_check_row(row, f"{path}: row {i + 1}") for i, row in enumerate(_parquet_rows(path))]
+    raw = path.read_bytes()
+    if path.suffix == ".json" and raw.lstrip()[:1] == b"[":
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a JSON array of GSM8K rows ({e})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON array of GSM8K rows")
+        return [_check_row(row, f"{path}: item {i + 1}") for i, row in enumerate(data)]
+    rows = []
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: line {n} is not UTF-8 text (is this a binary file?)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno})") from None
+        rows.append(_check_row(row, f"{path}: line {n}"))
+    return rows
+
+
+def _parquet_rows(path: Path) -> list[Any]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's errors for a file that is not parquet
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {first})") from None
+
+
+def _check_row(row: Any, where: str) -> dict[str, str]:
+    """``{"question", "answer"}`` of one row, or a ValueError starting with ``where`` (file and line)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with 'question' and 'answer', got {type(row).__name__}")
+    missing = [k for k in ("question", "answer") if k not in row]
     if missing:
-        raise ValueError(f"{path}: GSM8K format needs columns 'question' and 'answer'; missing {sorted(missing)}")
-    return [{"question": str(q), "answer": str(a)} for q, a in zip(data["question"], data["answer"])]
+        raise ValueError(f"{where}: GSM8K format needs 'question' and 'answer'; missing {missing}")
+    for key in ("question", "answer"):
+        if not isinstance(row[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+    try:
+        gold_answer(row["answer"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return {"question": row["question"], "answer": row["answer"]}
 
 
 def gold_answer(solution: str) -> str:
@@ -88,6 +138,8 @@ class GSM8K:
             raise ValueError("gsm8k needs either path=... or train_path=... and test_path=...")
         if path is not None:
             rows = load_rows(path)
+            if not rows:
+                raise ValueError(f"gsm8k file {path} holds no rows")
             self.rows = {s: [r for r in rows if split_of(r["question"], test_fraction) == s] for s in ("train", "test")}
         else:
             self.rows = {"train": load_rows(train_path) if train_path else [],

@@ -11,8 +11,10 @@ The trainer (`creditlab.train.loop.rl_step`) runs, per step:
     for c in components: metrics |= c.metrics()
 
 Checkpoints hold `{c.name: c.state_dict()}` for every component: the state must be tensors and plain Python
-values only (it is read back with `torch.load(weights_only=True)`), and `load_state_dict` must restore it so that
-a resumed run repeats an uninterrupted one exactly. A component with no state returns `{}`.
+values only (it is read back with `torch.load(weights_only=True)`; `save_checkpoint` refuses anything else, naming
+the component and key), and `load_state_dict` must restore it so that a resumed run repeats an uninterrupted one
+exactly. A component with no state returns `{}`. Every component is covered by the resume-equivalence test in
+`tests/reliability/test_resume_components.py`: a new one is added there by listing the options that turn it on.
 
 Work done outside the policy's own samples (Monte-Carlo continuations, judge generations, ...) is charged to the
 run through `SignalContext.count(...)`: the trainer adds `samples/extra` to its sample counter (what learning curves
@@ -127,8 +129,12 @@ def scorer_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component |
     if not cfg.run.scorer:
         return None
     from creditlab.signals.prm import get_scorer
+    from creditlab.train.checks import one_line
 
-    return ScorerComponent(get_scorer(cfg.run.scorer, **cfg.scorer_kwargs()))
+    try:
+        return ScorerComponent(get_scorer(cfg.run.scorer, **cfg.scorer_kwargs()))
+    except (TypeError, ValueError, KeyError, OSError) as e:  # a bad option value or model path
+        raise ValueError(f"--scorer {cfg.run.scorer} --scorer-kwargs {cfg.run.scorer_kwargs}: {one_line(e)}") from None
 
 
 def attention_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:

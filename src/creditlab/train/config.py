@@ -1,10 +1,19 @@
-"""Typed configuration: one dataclass per concern, each field documented once. The CLI is generated from these."""
+"""Typed configuration: one dataclass per concern, each field documented once. The CLI is generated from these.
+
+Validation lives here, in one place: every section has a `validate()` that raises a one-line `ValueError` naming
+the CLI option (`--steps must be >= 1, got -1`), and `TrainConfig.validate()` runs, for every section, the generic
+checks of `check_fields` (each value has its annotated type, floats are finite) and then the section's own
+`validate()`, then the checks that span sections and the names (task, estimator, scorer, policy, their keyword
+JSON). `train()` and `sft()` call `validate()` before doing any work, so a bad option never leaves a half-made
+run directory behind.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +35,17 @@ class RunConfig:
     steps: int = 40  # RL steps (one batch of prompts each)
     resume: bool = False  # continue from out_dir's latest checkpoint
     train_pool: int = 4096  # number of training problems drawn from the task
+    device: str = "auto"  # where the policy, batches, estimator and update run: auto (cuda if present), cpu, cuda[:N]
+
+    def validate(self) -> None:
+        at_least(self, steps=1, train_pool=1)
+        from creditlab.train import checks
+
+        checks.check_out_dir(self.out_dir, "--out-dir")
+        checks.check_task(self.task, _json_dict(self.task_kwargs, "--task-kwargs"))
+        checks.check_estimator(self.estimator, _json_dict(self.estimator_kwargs, "--estimator-kwargs"))
+        checks.check_scorer(self.scorer, _json_dict(self.scorer_kwargs, "--scorer-kwargs"))
+        checks.check_policy(self.policy, "--policy")
 
 
 @dataclass
@@ -35,7 +55,15 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
     max_new_tokens: int = 64  # response length limit (T)
-    bf16: bool = False  # sample under bf16 autocast (fp32 master weights); faster on CPU for 100M+ models
+    bf16: bool | None = None  # sample under bf16 autocast (fp32 weights); unset: auto = native bf16 and 50M+ params
+
+    def validate(self) -> None:
+        at_least(self, prompts_per_step=1, group_size=1, max_new_tokens=1)
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 (0 is greedy decoding: every response of a group would be "
+                             f"the same), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -53,13 +81,29 @@ class OptimConfig:
     kl_coef: float = 0.0  # KL-to-reference coefficient in the loss (0: no reference model is loaded)
     kl_kind: KLKind = "k3"  # KL estimator
     max_grad_norm: float = 1.0  # gradient clipping
-    update_bf16: bool = False  # update forward/backward under bf16 autocast (fp32 master weights and AdamW state)
+    update_bf16: bool | None = None  # update fwd/bwd under bf16 autocast (fp32 weights, AdamW); unset: as --bf16 auto
+
+    def validate(self) -> None:
+        at_least(self, warmup_steps=0, ppo_epochs=1, minibatches=1, lr=0.0, weight_decay=0.0, clip_high=0.0,
+                 kl_coef=0.0)
+        if not 0 <= self.clip_low < 1:
+            raise ValueError(f"--clip-low must be in [0, 1) (the ratio is clipped below at 1 - clip_low), "
+                             f"got {self.clip_low}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"--dual-clip must be > 1 (or none), got {self.dual_clip}")
+        if self.norm_constant is not None and self.norm_constant <= 0:
+            raise ValueError(f"--norm-constant must be > 0 (or none), got {self.norm_constant}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
 
 
 @dataclass
 class EvalConfig:
     eval_every: int = 10  # steps between held-out evaluations (and at start and end)
-    eval_problems: int = 128  # held-out problems, greedy decoding
+    eval_problems: int = 128  # held-out problems, greedy decoding (0: no held-out evaluation)
+
+    def validate(self) -> None:
+        at_least(self, eval_every=1, eval_problems=0)
 
 
 @dataclass
@@ -68,6 +112,9 @@ class LogConfig:
     tensorboard: bool = True  # also write TensorBoard scalars
     progress: bool = True  # progress bar on stderr
     sample_every: int = 5  # steps between dumps of sampled responses with advantages (for `creditlab inspect`)
+
+    def validate(self) -> None:
+        at_least(self, checkpoint_every=1, sample_every=0)
 
 
 @dataclass
@@ -144,6 +191,33 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Every section's generic and own checks, then the checks across sections (see the module docstring)."""
+        for s in _sections(type(self)):
+            section = getattr(self, s.name)
+            check_fields(section)
+            validate = getattr(section, "validate", None)
+            if callable(validate):
+                validate()
+        batch = self.rollout.prompts_per_step * self.rollout.group_size
+        if self.optim.minibatches > batch:
+            raise ValueError(f"--minibatches must be <= the batch (--prompts-per-step x --group-size = {batch}), "
+                             f"got {self.optim.minibatches}")
+
+    def resume_differences(self, saved: dict[str, Any]) -> list[str]:
+        """The options in which this config differs from `saved` (a run's config.json), ignoring those a resumed
+        run may change (`RESUME_MAY_DIFFER`); each entry reads `--flag: saved -> now`."""
+        now, default = _flatten(self.to_dict()), _flatten(TrainConfig().to_dict())
+        old = _flatten(saved)
+        out = []
+        for key in sorted(set(now) | set(old)):
+            if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_DIFFER):
+                continue
+            a, b = old.get(key, default.get(key, "<absent>")), now.get(key, "<absent>")
+            if _normalised(key, a) != _normalised(key, b):
+                out.append(f"{flag_of(key.split('.')[-1])}: {a!r} -> {b!r}")
+        return out
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return cls(**{f.name: f.type_cls(**d.get(f.name, {})) for f in _sections(cls)})  # type: ignore[attr-defined]
@@ -173,6 +247,78 @@ class SFTConfig:
 
     def task_kwargs_dict(self) -> dict[str, Any]:
         return _json_dict(self.task_kwargs, "--task-kwargs")
+
+    def validate(self) -> None:
+        check_fields(self)
+        at_least(self, steps=1, batch_size=1, eval_problems=1, max_new_tokens=1)
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        from creditlab.train import checks
+
+        checks.check_task(self.task, self.task_kwargs_dict())
+        checks.check_policy(self.policy, "--policy")
+        checks.check_out_dir(self.out_dir, "--out-dir")
+
+
+# Options a resumed run may change: its length, where it lives, and logging. Everything else must match the
+# run's config.json (a section added later is compared too: a key the saved config lacks counts as its default).
+RESUME_MAY_DIFFER = ("run.steps", "run.resume", "run.out_dir", "eval.eval_every", "log.")
+
+
+def flag_of(name: str) -> str:
+    """The CLI option of a config field: `top_p` -> `--top-p`."""
+    return "--" + name.replace("_", "-")
+
+
+def at_least(section: Any, **minimum: float) -> None:
+    """`ValueError("--flag must be >= m, got v")` for the first field below its minimum."""
+    for name, lo in minimum.items():
+        value = getattr(section, name)
+        if value < lo:
+            raise ValueError(f"{flag_of(name)} must be >= {lo}, got {value}")
+
+
+def check_fields(section: Any) -> None:
+    """Generic checks from the annotations: each field holds its type (bool, int, float, str, a Literal's values,
+    or None where Optional) and every float is finite. One-line ValueError naming the option."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, tp, flag = getattr(section, f.name), hints[f.name], flag_of(f.name)
+        args = typing.get_args(tp)
+        if type(None) in args:
+            if value is None:
+                continue
+            tp = next(a for a in args if a is not type(None))
+        if typing.get_origin(tp) is Literal:
+            if value not in typing.get_args(tp):
+                raise ValueError(f"{flag} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        elif tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{flag} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{flag} must be a finite number, got {value}")
+        elif tp in (bool, int, str) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+            raise ValueError(f"{flag} must be {tp.__name__}, got {value!r}")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _normalised(key: str, value: Any) -> Any:
+    """JSON-option strings compare by content ('{"a":1}' == '{"a": 1}')."""
+    if key.endswith("_kwargs") and isinstance(value, str):
+        try:
+            return json.loads(value or "{}")
+        except json.JSONDecodeError:
+            return value
+    return value
 
 
 def _json_dict(text: str, flag: str) -> dict[str, Any]:
@@ -218,7 +364,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         tp = hints[f.name]
         kw: dict[str, Any] = {"dest": prefix + f.name, "default": f.default, "help": helps.get(f.name, "")}
         origin, args = typing.get_origin(tp), typing.get_args(tp)
-        if tp is bool:
+        if tp is bool or (type(None) in args and bool in args):  # bool | None: --x, --no-x, or unset (None)
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is Literal:
             kw.update(choices=list(args), type=type(args[0]))

@@ -1,9 +1,10 @@
 """The RL trainer: sample G responses per prompt -> score -> signals -> estimator -> PPO-clip -> eval.
 
-Seeded and deterministic on CPU: every step derives its own seeds from (run seed, step), so a resumed run
-replays exactly what an uninterrupted run would have done. Checkpoints are written atomically (a complete
-directory first, then a one-line `latest` pointer replaced with os.replace), so a SIGKILL at any moment
-leaves the previous checkpoint readable.
+Seeded and deterministic on CPU: every step derives its own seeds from (run seed, step), and checkpoints hold the
+model, the optimizer and every component's state, so a resumed run replays exactly what an uninterrupted run
+would have done. The configuration is validated before any work (`TrainConfig.validate`); the run directory's
+rules are in `creditlab.train.rundir`, checkpoints (atomic, verified, read without executing code) in
+`creditlab.train.checkpoint`, the metrics log in `creditlab.train.runlog`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +21,23 @@ import torch
 
 from creditlab.batch import RolloutBatch
 from creditlab.credit.metrics import advantage_metrics
+from creditlab.device import device_info, resolve_bf16, resolve_device
 from creditlab.policy import Policy, load_policy
 from creditlab.registry import get_estimator, get_spec
 from creditlab.rollout.hf import SamplingConfig, generate, sequence_logprobs
 from creditlab.signals.produce import SignalContext, produce_signals
 from creditlab.tasks import Problem, Task, get_task
 from creditlab.train.attn_budget import anytime_eval_metrics
+from creditlab.train.checkpoint import TrainState, atomic_write_text, load_checkpoint, save_checkpoint
+from creditlab.train.checks import one_line
 from creditlab.train.components import Component, build_components, build_rollout
 from creditlab.train.config import TrainConfig
 from creditlab.train.losses import aggregate, kl_penalty, ppo_clip_loss
+from creditlab.train.rundir import check_run_dir, default_run_dir, open_run_dir
+from creditlab.train.runlog import Logger
 
-
-@dataclass
-class TrainState:
-    step: int = 0  # last completed step
-    samples: int = 0  # responses generated so far (every sampled response counts)
+__all__ = ["Logger", "TrainState", "default_run_dir", "evaluate", "load_checkpoint", "rl_step", "save_checkpoint",
+           "train"]
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -60,77 +59,7 @@ def evaluate(policy: Policy, task: Task, problems: list[Problem], *, max_new_tok
     return correct / len(problems)
 
 
-# ------------------------------------------------------------------ checkpoints
-def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, optim: torch.optim.Optimizer,
-                    components: Sequence[Component] = ()) -> Path:
-    """Write ckpt-<step>/ completely, then point `latest` at it atomically, then drop older checkpoints."""
-    final = run_dir / f"ckpt-{state.step:06d}"
-    tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "state": dataclasses.asdict(state),
-                    "components": {c.name: c.state_dict() for c in components}}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = run_dir / f".latest-{os.getpid()}"
-    pointer.write_text(final.name)
-    with open(pointer) as f:
-        os.fsync(f.fileno())
-    os.replace(pointer, run_dir / "latest")
-    for old in run_dir.glob("ckpt-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    for junk in run_dir.glob(".tmp-ckpt-*"):
-        shutil.rmtree(junk, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(run_dir: Path, model: torch.nn.Module, optim: torch.optim.Optimizer,
-                    components: Sequence[Component] = ()) -> TrainState:
-    pointer = run_dir / "latest"
-    if not pointer.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (missing {pointer})")
-    blob = torch.load(run_dir / pointer.read_text().strip() / "state.pt", weights_only=False)
-    model.load_state_dict(blob["model"])
-    optim.load_state_dict(blob["optim"])
-    saved = blob.get("components", {})
-    for c in components:
-        c.load_state_dict(saved.get(c.name, {}))
-    return TrainState(**blob["state"])
-
-
-# ------------------------------------------------------------------ logging
-class Logger:
-    """metrics.jsonl (one line per step) + TensorBoard scalars."""
-
-    def __init__(self, run_dir: Path, *, tensorboard: bool, keep_until: int | None = None) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        if keep_until is not None and self.path.exists():  # on resume drop steps after the checkpoint
-            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= keep_until]
-            self.path.write_text("".join(r + "\n" for r in rows))
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
+# ------------------------------------------------------------------ samples for `creditlab inspect`
 def dump_samples(path: Path, policy: Policy, batch: RolloutBatch, advantages: torch.Tensor, max_rows: int = 32) -> None:
     """Sampled responses token by token with their advantages (read by `creditlab inspect`)."""
     tok = policy.tokenizer
@@ -143,7 +72,7 @@ def dump_samples(path: Path, policy: Policy, batch: RolloutBatch, advantages: to
                      if batch.prompt_ids is not None else "",
                      "tokens": [tok.decode([i]) for i in ids], "advantages": advantages[b, :n].tolist()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"rows": rows}))
+    atomic_write_text(path, json.dumps({"rows": rows}))
 
 
 # ------------------------------------------------------------------ one RL step
@@ -216,6 +145,7 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
                                             batch.response_mask, temperature=r.temperature)
         batch = batch.replace(ref_logprobs=ref_logp)
     batch = produce_signals(batch, ctx["needs"], signal_ctx)
+    batch = batch.to(batch.response_ids.device)  # fields a producer made on the CPU join the policy's device
     t2 = time.perf_counter()
     credit = get_estimator(cfg.run.estimator)(batch, **ctx["est_kwargs"])
     t3 = time.perf_counter()
@@ -246,49 +176,69 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
 
 
 # ------------------------------------------------------------------ the run
-def default_run_dir(cfg: TrainConfig) -> Path:
-    policy = Path(cfg.run.policy).name or cfg.run.policy
-    return Path("runs") / f"{cfg.run.task}-{policy}-{cfg.run.estimator}-s{cfg.run.seed}"
+def build_run(cfg: TrainConfig) -> dict[str, Any]:
+    """Everything a run needs that can fail on the user's input (task files, policy directory, components), built
+    before the run directory is touched; errors name the option."""
+    torch.manual_seed(cfg.run.seed)
+    spec = get_spec(cfg.run.estimator)
+    try:
+        task = get_task(cfg.run.task, **cfg.task_kwargs())
+        pool = task.problems("train", cfg.run.train_pool, cfg.run.seed)
+        held_out = task.problems("test", cfg.eval.eval_problems, cfg.run.seed)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"--task {cfg.run.task} --task-kwargs {cfg.run.task_kwargs}: {one_line(e)}") from None
+    device = resolve_device(cfg.run.device)
+    try:
+        policy = load_policy(cfg.run.policy, seed=cfg.run.seed, device=device)
+    except ValueError as e:
+        raise ValueError(f"--policy: {one_line(e)}") from None
+    cfg = with_precision(cfg, device, policy.model)  # auto (None) precision decided for this device and model
+    ref_model = None
+    if cfg.optim.kl_coef > 0 or "ref_logprobs" in spec.needs:  # copied before a resume loads the trained weights
+        ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
+    optim = torch.optim.AdamW(policy.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    return {"policy": policy, "task": task, "ref_model": ref_model, "optim": optim, "needs": spec.needs,
+            "components": build_components(cfg, spec, policy, task), "est_kwargs": cfg.estimator_kwargs(),
+            "rollout": build_rollout(cfg, task), "pool": pool, "held_out": held_out, "cfg": cfg,
+            "device": device}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) one RL run; returns a summary with initial and final held-out accuracy."""
-    run_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else default_run_dir(cfg)
-    if (run_dir / "latest").exists() and not cfg.run.resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or pick --out-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.run.seed)
-    spec = get_spec(cfg.run.estimator)  # fail fast on an unknown estimator, listing the known ones
-    task = get_task(cfg.run.task, **cfg.task_kwargs())
-    policy = load_policy(cfg.run.policy, seed=cfg.run.seed)
-    ref_model = None
-    if cfg.optim.kl_coef > 0 or "ref_logprobs" in spec.needs:
-        ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
-    optim = torch.optim.AdamW(policy.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    components = build_components(cfg, spec, policy, task)
-    state = load_checkpoint(run_dir, policy.model, optim, components) \
-        if cfg.run.resume and (run_dir / "latest").exists() else TrainState()
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    logger = Logger(run_dir, tensorboard=cfg.log.tensorboard, keep_until=state.step)
-    ctx = {"policy": policy, "task": task, "ref_model": ref_model, "optim": optim,
-           "pool": task.problems("train", cfg.run.train_pool, cfg.run.seed), "needs": spec.needs,
-           "est_kwargs": cfg.estimator_kwargs(), "rollout": build_rollout(cfg, task), "components": components}
-    held_out = task.problems("test", cfg.eval.eval_problems, cfg.run.seed)
+    cfg.validate()
+    run_dir = check_run_dir(cfg)
+    ctx = build_run(cfg)
+    lock = open_run_dir(run_dir)
+    try:
+        return _run(cfg, ctx, run_dir)
+    finally:
+        lock.close()
+
+
+def _run(asked: TrainConfig, ctx: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    cfg = ctx["cfg"]  # precision decided; config.json keeps what was asked (auto = None) for --resume checks
+    policy, task, optim, components = ctx["policy"], ctx["task"], ctx["optim"], ctx["components"]
+    state = load_checkpoint(run_dir, policy.model, optim, components) if cfg.run.resume else TrainState()
+    if state.step > cfg.run.steps:
+        raise ValueError(f"--steps {cfg.run.steps} is below step {state.step} of the checkpoint in {run_dir}")
+    atomic_write_text(run_dir / "config.json", json.dumps(asked.to_dict(), indent=2))
+    precision = {"rollout_bf16": cfg.rollout.bf16, "update_bf16": cfg.optim.update_bf16}
+    atomic_write_text(run_dir / "device.json", json.dumps(precision | device_info(ctx["device"]), indent=2))
+    logger = Logger(run_dir, tensorboard=cfg.log.tensorboard, keep_until=state.step if cfg.run.resume else None)
 
     def evaluate_now() -> dict[str, float]:  # held-out accuracy, and accuracy at each budget when budgets are set
-        return {"eval/accuracy": evaluate(policy, task, held_out, max_new_tokens=cfg.rollout.max_new_tokens),
-                **anytime_eval_metrics(cfg, policy, task, held_out)}
+        return {"eval/accuracy": evaluate(policy, task, ctx["held_out"], max_new_tokens=cfg.rollout.max_new_tokens),
+                **anytime_eval_metrics(cfg, policy, task, ctx["held_out"])}
 
     if state.step == 0:
-        logger.log(0, {**evaluate_now(), "samples": 0})
-    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    bar = _progress(cfg, state.step)
-    metrics: dict[str, Any] = {}
+        logger.log(0, {**evaluate_now(), "samples": 0} if cfg.eval.eval_problems else {"samples": 0})
+    initial = next((r.get("eval/accuracy") for r in logger.rows if r["step"] == 0), None)
+    bar = _progress(cfg, state.step, logger.last("eval/accuracy"))
     while state.step < cfg.run.steps:
         metrics, batch, credit = rl_step(cfg, ctx, state)
         state.step += 1
         state.samples = int(metrics["samples"])
-        if state.step % cfg.eval.eval_every == 0 or state.step == cfg.run.steps:
+        if cfg.eval.eval_problems and (state.step % cfg.eval.eval_every == 0 or state.step == cfg.run.steps):
             metrics.update(evaluate_now())
         logger.log(state.step, metrics)
         if cfg.log.sample_every and (state.step % cfg.log.sample_every == 0 or state.step == 1):
@@ -297,21 +247,31 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             save_checkpoint(run_dir, state, policy.model, optim, components)
         if bar is not None:
             bar.update(1)
-            acc = metrics.get("eval/accuracy", float("nan"))
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{acc:.3f}")
+            acc = logger.last("eval/accuracy")  # the last evaluation, not nan between evaluations
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc="-" if acc is None else f"{acc:.3f}")
     if bar is not None:
         bar.close()
     logger.close()
     policy.model.save_pretrained(run_dir / "policy")
     policy.tokenizer.save_pretrained(run_dir / "policy")
-    return {"run_dir": str(run_dir), "initial_accuracy": first.get("eval/accuracy"),
-            "final_accuracy": metrics.get("eval/accuracy", first.get("eval/accuracy")), "steps": state.step,
-            "samples": state.samples}
+    return {"run_dir": str(run_dir), "initial_accuracy": initial, "final_accuracy": logger.last("eval/accuracy"),
+            "steps": state.step, "samples": state.samples}
 
 
-def _progress(cfg: TrainConfig, start: int) -> Any:
+def with_precision(cfg: TrainConfig, device: torch.device, model: torch.nn.Module) -> TrainConfig:
+    """A copy of `cfg` with --bf16 / --update-bf16 decided: unset (None) means auto (`creditlab.device`)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    rollout = dataclasses.replace(cfg.rollout, bf16=resolve_bf16(cfg.rollout.bf16, device, n_params))
+    optim = dataclasses.replace(cfg.optim, update_bf16=resolve_bf16(cfg.optim.update_bf16, device, n_params))
+    return dataclasses.replace(cfg, rollout=rollout, optim=optim)
+
+
+def _progress(cfg: TrainConfig, start: int, acc: float | None) -> Any:
     if not cfg.log.progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.run.steps, initial=start, desc=f"{cfg.run.estimator}", dynamic_ncols=True)
+    bar = tqdm(total=cfg.run.steps, initial=start, desc=f"{cfg.run.estimator}", dynamic_ncols=True)
+    if acc is not None:
+        bar.set_postfix(acc=f"{acc:.3f}")
+    return bar

@@ -13,6 +13,7 @@ import torch
 from creditlab.policy import Policy, load_policy
 from creditlab.rollout.hf import sequence_logprobs
 from creditlab.tasks import get_task
+from creditlab.train.checks import one_line
 from creditlab.train.config import SFTConfig
 from creditlab.train.loop import evaluate
 from creditlab.train.losses import aggregate
@@ -31,10 +32,24 @@ def encode_pairs(policy: Policy, prompts: list[str], responses: list[str]) -> tu
 
 
 def sft(cfg: SFTConfig) -> dict[str, Any]:
-    """Warm-start `cfg.policy` on `cfg.task` demonstrations and save it to `cfg.out_dir` (load with --policy DIR)."""
+    """Warm-start `cfg.policy` on `cfg.task` demonstrations and save it to `cfg.out_dir` (load with --policy DIR).
+
+    The options are validated before any work; `cfg.out_dir` must be new, empty, or an earlier warm-start's output
+    (it holds `sft_summary.json`): sft never writes over a directory it did not create."""
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    if out.is_dir() and any(out.iterdir()) and not (out / "sft_summary.json").is_file():
+        raise FileExistsError(f"--out-dir {out} is not empty and is not an earlier warm-start (no sft_summary.json); "
+                              "pick a new or empty directory")
     torch.manual_seed(cfg.seed)
-    task = get_task(cfg.task, **cfg.task_kwargs_dict())
-    policy = load_policy(cfg.policy, seed=cfg.seed)
+    try:
+        task = get_task(cfg.task, **cfg.task_kwargs_dict())
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"--task {cfg.task} --task-kwargs {cfg.task_kwargs}: {one_line(e)}") from None
+    try:
+        policy = load_policy(cfg.policy, seed=cfg.seed)
+    except ValueError as e:
+        raise ValueError(f"--policy: {one_line(e)}") from None
     pool = task.problems("train", max(cfg.steps * cfg.batch_size // 4, 512), cfg.seed)
     held_out = task.problems("test", cfg.eval_problems, cfg.seed)
     optim = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr)
@@ -56,7 +71,6 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         sched.step()
         losses.append(float(loss.detach()))
     accuracy = evaluate(policy, task, held_out, max_new_tokens=cfg.max_new_tokens)
-    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     policy.model.save_pretrained(out)
     policy.tokenizer.save_pretrained(out)

@@ -41,10 +41,41 @@ def run_estimator(run_dir: Path) -> str:
     path = run_dir / "config.json"
     if not path.is_file():
         return "?"
-    config = json.loads(path.read_text())
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        return "?"
     if isinstance(config.get("run"), dict) and "estimator" in config["run"]:
         return str(config["run"]["estimator"])
     return str(config.get("estimator", "?"))
+
+
+ROW_KEYS = ("tokens", "advantages")  # required; "group", "reward", "prompt", "mask" are optional
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError / UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a samples file, checked: a one-line ValueError names the file, the row and the missing key."""
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path}: expected an object with a 'rows' list (written by the trainer's dump_samples)")
+    for i, row in enumerate(data["rows"]):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {i} is not an object")
+        for key in ROW_KEYS:
+            if not isinstance(row.get(key), list):
+                problem = "has no" if key not in row else "has a non-list"
+                raise ValueError(f"{path}: row {i} {problem} {key!r} (each row needs lists {' and '.join(ROW_KEYS)})")
+        if len(row["tokens"]) != len(row["advantages"]):
+            raise ValueError(f"{path}: row {i} has {len(row['tokens'])} tokens but {len(row['advantages'])} advantages")
+        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in row["advantages"]):
+            raise ValueError(f"{path}: row {i}: every advantage must be a number")
+    return data["rows"]
 
 
 def inspect_run(run_dir: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
@@ -57,7 +88,7 @@ def inspect_run(run_dir: str | Path, step: int | None = None, out: str | Path | 
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     path = samples_path(run_dir, step)
     step = int(_STEP_FILE.search(path.name).group(1))  # type: ignore[union-attr]
-    rows = json.loads(path.read_text())["rows"]
+    rows = read_rows(path)
     estimator = run_estimator(run_dir)
     n_tokens = sum(len(r["tokens"]) for r in rows)
     meta = f"run {run_dir} · estimator {estimator} · step {step} · {len(rows)} responses · {n_tokens} tokens"

@@ -23,11 +23,11 @@ def loop_hicra(batch, alpha=0.2, eps=1e-6, scale_by_std=True, singleton="zero"):
     return out
 
 
-def _quantile(values, q):
+def _port_threshold(values, k):
+    """huggingface/trl hicra_trainer `_topk_threshold`: sorted(values)[int((1 - k) * n)], index clamped."""
     v = sorted(values)
-    pos = q * (len(v) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return v[lo] + (pos - lo) * (v[hi] - v[lo])
+    i = max(0, min(int((1 - k) * len(v)), len(v) - 1))
+    return v[i]
 
 
 def loop_hicra_entropy(batch, alpha=0.2, top_frac=0.3, length_gate=True, eps=1e-6, singleton="zero"):
@@ -39,7 +39,7 @@ def loop_hicra_entropy(batch, alpha=0.2, top_frac=0.3, length_gate=True, eps=1e-
         for b in rows:
             ents = [float(batch.entropies[b, t]) for t in range(batch.T) if batch.response_mask[b, t]]
             touched = a[b] > 0 and (lengths[b] > mean_len or not length_gate) and ents
-            tau = _quantile(ents, 1 - top_frac) if ents else 0.0
+            tau = _port_threshold(ents, top_frac) if ents else 0.0
             for t in range(batch.T):
                 if batch.response_mask[b, t]:
                     hot = touched and float(batch.entropies[b, t]) > tau
@@ -64,10 +64,31 @@ def _h2(p):
     return sum(-x * math.log2(x) for x in (p, 1 - p) if x > 0)
 
 
-def _ktae_w(a, b, nc, nw, cnt_c, cnt_w, tot_c, tot_w, alpha, beta, gamma_tf, top, k1, bb, tf_eps):
+def fisher_p_float32(a, b, c, d, width):
+    """The reference's float32 p-value of one table on a grid of `width` columns (KTAE fisher_exact_test)."""
+    ta, tb, tc, td = (torch.tensor([float(x)]) for x in (a, b, c, d))
+    r1, c1 = ta + tb, ta + tc
+    n = r1 + (tc + td)
+    k = torch.arange(width, dtype=torch.float32)[None, :]
+    on = (k >= torch.clamp(r1 + c1 - n, min=0)[:, None]) & (k <= torch.minimum(r1, c1)[:, None])
+
+    def log_comb(nn, kk):
+        return torch.lgamma(nn + 1) - torch.lgamma(kk + 1) - torch.lgamma(nn - kk + 1)
+
+    p_k = torch.exp(log_comb(c1[:, None], k) + log_comb((n - c1)[:, None], r1[:, None] - k)
+                    - log_comb(n, r1)[:, None]) * on.float()
+    p_obs = torch.exp(log_comb(c1, ta) + log_comb(n - c1, r1 - ta) - log_comb(n, r1))
+    return torch.where((p_k <= p_obs[:, None]) & on, p_k, torch.zeros(())).sum(dim=1)[0]
+
+
+def _ktae_w(a, b, nc, nw, cnt_c, cnt_w, tot_c, tot_w, alpha, beta, gamma_tf, top, k1, bb, tf_eps, width=None):
     c, d = nc - a, nw - b
-    p = fisher_p_exact(a, b, c, d)
-    F = 0.0 if p == 1 else math.exp(-2 * p)
+    if width is None:
+        p = fisher_p_exact(a, b, c, d)
+        F = 0.0 if p == 1 else math.exp(-2 * p)
+    else:
+        p32 = fisher_p_float32(a, b, c, d, width)
+        F = float(torch.exp(-2 * p32)) if float(p32) != 1.0 else 0.0
     n = nc + nw
     hyx = 0.0
     for x1, x2 in ((a, b), (c, d)):
@@ -89,7 +110,7 @@ def _ktae_w(a, b, nc, nw, cnt_c, cnt_w, tot_c, tot_w, alpha, beta, gamma_tf, top
 
 
 def loop_ktae_weights(batch, alpha=1.0, beta=1.0, gamma_tf=1.0, top=1.0, k1=2.0, b=0.5, tf_eps=1e-5,
-                      correct_threshold=0.0, ignore_token_ids=()):
+                      correct_threshold=0.0, ignore_token_ids=(), zero_last_token=True, reference_float32=False):
     out = torch.zeros(batch.response_ids.shape, dtype=torch.float64)
     R = batch.rewards.double().tolist()
     for rows in _groups(batch).values():
@@ -102,7 +123,10 @@ def loop_ktae_weights(batch, alpha=1.0, beta=1.0, gamma_tf=1.0, top=1.0, k1=2.0,
         tot_c, tot_w = sum(len(toks[i]) for i in corr), sum(len(toks[i]) for i in wrong)
         counts = {i: collections.Counter(toks[i]) for i in rows}  # token -> occurrences in row i
         weights = {}
-        for v in {v for i in rows for v in toks[i]}:
+        vocab = {v for i in rows for v in toks[i]}
+        present = {v: sum(v in counts[i] for i in rows) for v in vocab}
+        width = max(min(present[v], len(corr)) for v in vocab) + 1 if vocab and reference_float32 else None
+        for v in vocab:
             if v in ignore_token_ids:
                 weights[v] = 0.0
                 continue
@@ -111,11 +135,12 @@ def loop_ktae_weights(batch, alpha=1.0, beta=1.0, gamma_tf=1.0, top=1.0, k1=2.0,
             cnt_c = sum(counts[i][v] for i in corr)
             cnt_w = sum(counts[i][v] for i in wrong)
             weights[v] = _ktae_w(a, bw, len(corr), len(wrong), cnt_c, cnt_w, tot_c, tot_w,
-                                 alpha, beta, gamma_tf, top, k1, b, tf_eps)
+                                 alpha, beta, gamma_tf, top, k1, b, tf_eps, width)
         for i in rows:
-            for t in range(batch.T):
-                if batch.response_mask[i, t]:
-                    out[i, t] = weights[int(batch.response_ids[i, t])]
+            valid = [t for t in range(batch.T) if batch.response_mask[i, t]]
+            for t in valid:
+                last = zero_last_token and t == valid[-1]  # the response's EOS (reference: w(EOS id) = 0)
+                out[i, t] = 0.0 if last else weights[int(batch.response_ids[i, t])]
     return out
 
 

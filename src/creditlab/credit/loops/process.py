@@ -67,17 +67,21 @@ def loop_softmin(rho, temperature):
     return [ei / sum(e) * r for ei, r in zip(e, rho)]
 
 
-def loop_sum_form(batch, gamma=1.0, baseline="token", vr_coef=1.0, singleton="zero", rho_fn=None):
+def loop_sum_form(batch, gamma=1.0, baseline="token", mean_form=False, vr_coef=1.0, singleton="zero", rho_fn=None):
     B = batch.B
     group = _group_of(batch)
     info = []
     for b in range(B):
         ks, lens = steps_of(batch, b)
         rho = [float(batch.step_rewards[b, k]) for k in ks]
+        if mean_form:
+            rho = [r / len(rho) for r in rho]
         info.append((ks, lens, rho_fn(rho) if rho_fn else rho))
+    total = [sum(rho) for _, _, rho in info]
+    length = [int(batch.response_mask[b].sum()) for b in range(B)]  # response tokens, separators included
     rate = []
     for ks, lens, rho in info:
-        units = lens if baseline == "token" else [1] * len(ks)
+        units = lens if baseline == "token_per_row" else [1] * len(ks)
         rate.append(sum(rho) / sum(units) if units else 0.0)
     v = [float(r) - 1.0 for r in batch.rewards.double().tolist()]
     out = torch.zeros(B, batch.T, dtype=torch.float64)
@@ -87,8 +91,12 @@ def loop_sum_form(batch, gamma=1.0, baseline="token", vr_coef=1.0, singleton="ze
         if baseline != "none":
             if not others and singleton == "zero":
                 continue
-            base = sum(rate[j] for j in others) / len(others) if others else 0.0
-            units = lens if baseline == "token" else [1] * len(ks)
+            if baseline == "token":  # PURE: ratio of sums over the other responses, times the step's tokens
+                den = sum(length[j] for j in others)
+                base = sum(total[j] for j in others) / den if den else 0.0
+            else:  # mean over the others of their per-token (per-step) rate
+                base = sum(rate[j] for j in others) / len(others) if others else 0.0
+            units = [1] * len(ks) if baseline == "step" else lens
             rho = [r - base * u for r, u in zip(rho, units)]
             outcome = vr_coef * loop_rloo(v, group[b], b, singleton)
         else:
@@ -98,9 +106,9 @@ def loop_sum_form(batch, gamma=1.0, baseline="token", vr_coef=1.0, singleton="ze
     return out
 
 
-def loop_pure(batch, mode="strict", temperature=0.1, baseline="rloo", vr_coef=1.0, singleton="zero"):
+def loop_pure(batch, mode="softmin", temperature=0.1, baseline="rloo", vr_coef=1.0, singleton="zero"):
     if mode == "softmin":
-        return loop_sum_form(batch, 1.0, "token" if baseline == "rloo" else "none", vr_coef, singleton,
+        return loop_sum_form(batch, 1.0, "token" if baseline == "rloo" else "none", False, vr_coef, singleton,
                              rho_fn=lambda rho: loop_softmin(rho, temperature))
     B = batch.B
     group = _group_of(batch)
@@ -173,21 +181,23 @@ def loop_whiten(x, mask):
 
 
 def loop_prime(batch, beta=0.05, dpo_coef=5.0, gt_coef=5.0, granularity="token", clean_loo=False,
-               prm_norm="none", singleton="zero", return_returns=False):
+               prm_norm="batch_norm", singleton="zero", return_returns=False):
     B, T = batch.B, batch.T
     m = batch.response_mask
     valid = [[t for t in range(T) if m[b, t]] for b in range(B)]
     r = [[0.0] * T for _ in range(B)]
     for b in range(B):
         for t in valid[b]:
-            r[b][t] = beta * (float(batch.prm_logprobs[b, t]) - float(batch.ref_logprobs[b, t]))
+            r[b][t] = float(batch.prm_logprobs[b, t]) - float(batch.ref_logprobs[b, t])  # q
         if granularity == "whole" and valid[b]:
             total = sum(r[b])
             r[b] = [0.0] * T
             r[b][valid[b][-1]] = total
-    if prm_norm == "batch_norm":
+    if prm_norm == "batch_norm":  # PRIME-RL dp_prime.py: q / (max |reverse cumsum q| + 1e-6), no beta
         big = max(abs(sum(r[b][t:])) for b in range(B) for t in range(T))
         r = [[x / (big + 1e-6) for x in row] for row in r]
+    else:
+        r = [[beta * x for x in row] for row in r]
     mean = [sum(r[b][t] for t in valid[b]) / len(valid[b]) if valid[b] else 0.0 for b in range(B)]
     R = batch.rewards.double().tolist()
     group = _group_of(batch)
@@ -215,7 +225,7 @@ def loop_prime(batch, beta=0.05, dpo_coef=5.0, gt_coef=5.0, granularity="token",
     return (adv, returns) if return_returns else adv
 
 
-def loop_oprl(batch, beta=0.05, step_coef=1.0, singleton="zero"):
+def loop_oprl(batch, beta=0.05, step_coef=1.0, istar_norm="batch_norm", singleton="zero"):
     B = batch.B
     group = _group_of(batch)
     s = []
@@ -225,8 +235,11 @@ def loop_oprl(batch, beta=0.05, step_coef=1.0, singleton="zero"):
         for t in range(batch.T):
             k = int(batch.step_ids[b, t])
             if k >= 0 and batch.response_mask[b, t]:
-                sb[k] += beta * (float(batch.prm_logprobs[b, t]) - float(batch.ref_logprobs[b, t]))
+                sb[k] += beta * (float(batch.prm_logprobs[b, t]) - float(batch.logprobs[b, t]))  # vs pi_old
         s.append(sb)
+    if istar_norm == "batch_norm":  # iStar dp_rm.py istar_norm: divide by the batch's max |step reward| + 1e-6
+        big = max([abs(x) for sb in s for x in sb.values()], default=0.0)
+        s = [{k: x / (big + 1e-6) for k, x in sb.items()} for sb in s]
     R = batch.rewards.double().tolist()
     out = torch.zeros(B, batch.T, dtype=torch.float64)
     for b in range(B):

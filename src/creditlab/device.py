@@ -1,0 +1,107 @@
+"""Where a run computes and in which precision: `--device` and the `auto` default of `--bf16` / `--update-bf16`.
+
+    device = resolve_device("auto")              # cuda when torch sees a GPU, else cpu
+    use_bf16 = resolve_bf16(None, device, n_params=135_000_000)   # None = auto
+
+bf16 autocast pays only where the hardware multiplies bf16 natively: on an AVX2-only CPU, PyTorch emulates it and a
+SmolLM2 update under autocast ran >= 7x slower than fp32 (issue 18), while CPUs with AVX512-BF16 or AMX-BF16 units
+(and every recent GPU) run it faster. `auto` therefore turns bf16 on when the device has native bf16 *and* the
+policy is large enough for its matmuls to dominate (>= `BF16_MIN_PARAMS`); the 0.4 M-parameter `tiny` policy stays
+fp32 everywhere, so its tests, demo and benchmark numbers do not depend on the CPU's instruction set.
+
+`cpu_info()` is what benchmark records store (model name, the bf16-relevant flags, core count) so that a number
+says on which CPU it was measured.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+import subprocess
+from typing import Any
+
+import torch
+
+BF16_MIN_PARAMS = 50_000_000  # `auto` keeps smaller policies in fp32 (their matmuls are too small to gain)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 multiply units
+REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cpu", "cuda", "cuda:N" as given (cuda must be available)."""
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: torch sees no CUDA device (this torch is {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` multiplies bf16 in hardware: a CUDA device with bf16 support, or a CPU with AVX512-BF16 or
+    AMX-BF16 (read from /proc/cpuinfo; False where the flags cannot be read)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+
+
+def resolve_bf16(setting: bool | None, device: torch.device | str, n_params: int) -> bool:
+    """An explicit True/False wins; None (auto) = native bf16 on `device` and n_params >= BF16_MIN_PARAMS."""
+    if setting is not None:
+        return bool(setting)
+    return native_bf16(device) and n_params >= BF16_MIN_PARAMS
+
+
+@functools.cache
+def cpu_info() -> dict[str, Any]:
+    """CPU model (`lscpu` "Model name"), cores, the bf16-relevant flags present, and torch's kernel level."""
+    model = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    flags = cpu_flags()
+    return {"model": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "flags": [f for f in REPORTED_FLAGS if f in flags], "native_bf16": native_bf16("cpu"),
+            "torch_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def device_info(device: torch.device | str) -> dict[str, Any]:
+    """The record a benchmark stores about where it ran: device, CPU info, GPU name when on CUDA, torch threads."""
+    device = torch.device(device)
+    info: dict[str, Any] = {"device": str(device), "cpu": cpu_info(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def describe(device: torch.device | str) -> str:
+    """One line for a report: 'cpu: AMD EPYC (2 cores; avx2, avx512f, avx512_bf16), 2 threads' or the GPU name."""
+    info = device_info(device)
+    cpu = info["cpu"]
+    where = f"{cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags']) or 'no AVX flags read'})"
+    if "gpu" in info:
+        return f"{info['device']}: {info['gpu']} (host CPU {where})"
+    return f"cpu: {where}, {info['threads']} torch threads"
