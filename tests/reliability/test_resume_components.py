@@ -36,6 +36,15 @@ COMPONENTS = {
     # ... and OPRL's, which divides by the rollout's log-probs (no reference model in its state)
     "scorer:implicit/oprl": ["--estimator", "oprl", "--scorer", "implicit", "--scorer-kwargs",
                              '{"mode": "oprl", "lr": 0.001}'],
+    # attention signals: one extra forward with the current policy (stateless)
+    "attention": ["--estimator", "attn_coupled", "--attn-horizon-lo", "1", "--attn-horizon-hi", "8"],
+    # truncate-and-answer at budgets, seeded by the step; BRPO's summary tokens join the update (2 minibatches:
+    # their old log-probs come from a no-grad forward)
+    "budget": ["--estimator", "brpo", "--budgets", "4,8,16", "--budget-answers", "2", "--budget-answer-tokens", "3",
+               "--minibatches", "2"],
+    # ... and at step boundaries (VSRM)
+    "budget/vsrm": ["--estimator", "vsrm", "--budget-step-split", "newline", "--budget-answers", "2",
+                    "--budget-answer-tokens", "3"],
 }
 
 

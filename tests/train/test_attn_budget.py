@@ -1,5 +1,6 @@
 """Attention and budget credit through `creditlab train` on the tiny policy: the components fill their fields, the
-anytime evaluation is logged, resume is exact (BRPO's summary loss included), bad options are one-line errors."""
+anytime evaluation is logged, bad options are one-line errors. (Exact resume with these components, BRPO's summary
+loss included: tests/reliability/test_resume_components.py.)"""
 
 import json
 
@@ -32,24 +33,6 @@ def test_attention_component_fills_signals(tmp_path):
     last = rows(out)[-1]
     assert last["time/attn_signal"] > 0 and 0 <= last["credit/attn_selected_punct_frac"] <= 1
     assert last["credit/attn_selected_frac"] > 0
-
-
-def _strip_times(rs):
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rs]
-
-
-@pytest.mark.slow  # three short runs (~20 s on a quiet 2-core machine); the components keep no state
-def test_brpo_resume_is_exact_with_summary_loss(tmp_path):
-    common = [*BASE, "--estimator", "brpo", "--budgets", "4,8", "--budget-answers", "2",
-              "--budget-answer-tokens", "3", "--minibatches", "2", "--checkpoint-every", "1", "--eval-every", "1"]
-    assert main(["train", *common, "--steps", "2", "--out-dir", str(tmp_path / "straight")]) == 0
-    assert main(["train", *common, "--steps", "1", "--out-dir", str(tmp_path / "split")]) == 0
-    assert main(["train", *common, "--steps", "2", "--out-dir", str(tmp_path / "split"), "--resume"]) == 0
-    straight = rows(tmp_path / "straight")
-    assert _strip_times(straight) == _strip_times(rows(tmp_path / "split"))
-    r = straight[-1]
-    assert r["samples/extra"] > 0 and r["samples"] == 2 * 4 + sum(x["samples/extra"] for x in straight[1:])
-    assert r["budget/summary_tokens"] > 0 and "loss/summary" in r
 
 
 def test_vsrm_and_hbpo_train(tmp_path):

@@ -86,7 +86,7 @@ def _window_max(delta: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     best = torch.full_like(d, -torch.inf)
     pos = torch.arange(T, device=d.device).expand(d.shape)
     best_pos = torch.zeros_like(pos)  # compacted index of the argmax
-    for j in range(k, 0, -1):  # earliest offset first, so ">" keeps the earliest position on ties
+    for j in range(min(k, T), 0, -1):  # earliest offset first, so ">" keeps the earliest position on ties
         shifted = torch.cat([torch.full_like(d[:, :j], -torch.inf), d[:, :-j]], dim=1) if j < T \
             else torch.full_like(d, -torch.inf)
         better = shifted > best
@@ -143,7 +143,8 @@ def _indicator_gamma(selected: Tensor, gamma_amp: float) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ the three strategies
-@estimator("attn_local", needs=("attn_waad", "punct_mask"))
+@estimator("attn_local", needs=("attn_waad", "punct_mask"),
+           ranges={"gamma_amp": "(0, inf)", "q": "(0, 1]", "eps": "[0, inf)"})
 def attn_local(batch: RolloutBatch, *, gamma_amp: float = 1.5, q: float = 0.4, sign: Sign = "both",
                eps: float = 1e-6, scale_by_std: bool = True, singleton: Singleton = "zero") -> Credit:
     """Local-chunk credit: amplify preplan tokens, the top-q tokens by WAAD jump Delta_t (paper eq. 14-15).
@@ -167,7 +168,8 @@ def attn_local(batch: RolloutBatch, *, gamma_amp: float = 1.5, q: float = 0.4, s
                    singleton=singleton)
 
 
-@estimator("attn_global", needs=("attn_fai", "punct_mask"))
+@estimator("attn_global", needs=("attn_fai", "punct_mask"),
+           ranges={"gamma_amp": "(0, inf)", "q": "(0, 1]", "eps": "[0, inf)"})
 def attn_global(batch: RolloutBatch, *, gamma_amp: float = 1.5, q: float = 0.4, sign: Sign = "both",
                 eps: float = 1e-6, scale_by_std: bool = True, singleton: Singleton = "zero") -> Credit:
     """Global-anchor credit: amplify anchor tokens, the top-q tokens by future attention influence (eq. 16-17).
@@ -207,7 +209,9 @@ def coupled_gamma(waad: Tensor, fai: Tensor, mask: Tensor, *, gamma_amp: float, 
     return gamma, t_glob | intro_mask, dominated, t_glob
 
 
-@estimator("attn_coupled", needs=("attn_waad", "attn_fai", "punct_mask"))
+@estimator("attn_coupled", needs=("attn_waad", "attn_fai", "punct_mask"),
+           ranges={"gamma_amp": "(0, inf)", "q": "(0, 1]", "k": "[1, inf)", "alpha": "[0, 1]", "tau_waad": "[0, inf)",
+                   "tau_delta": "[0, inf)", "eps": "[0, inf)"})
 def attn_coupled(batch: RolloutBatch, *, gamma_amp: float = 1.5, q: float = 0.4, k: int = 2, alpha: float = 0.5,
                  tau_waad: float | None = None, tau_delta: float | None = None, sign: Sign = "both",
                  eps: float = 1e-6, scale_by_std: bool = True, singleton: Singleton = "zero") -> Credit:

@@ -117,7 +117,7 @@ def segment_of_tokens(cut_lens: Tensor, valid: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask & (last >= 0), seg, torch.full_like(seg, -1))
 
 
-@estimator("brpo", needs=("cut_lens", "cut_scores"))
+@estimator("brpo", needs=("cut_lens", "cut_scores"), ranges={"history_base": "(0, inf)"})
 def brpo(batch: RolloutBatch, *, prior: Prior = "uniform", baseline: Baseline = "brpo", history_base: float = 2.0,
          singleton: Singleton = "zero") -> Credit:
     """BRPO: credit each thinking segment with the budget-weighted answer scores it leads to (anytime reasoning).
@@ -188,7 +188,8 @@ def hbpo_reward(correct: Tensor, length: Tensor, budget: Tensor, fallback: Tenso
     return torch.where(ok, shaped, torch.where(correct, torch.zeros_like(L), fallback.to(_F64)))
 
 
-@estimator("hbpo", needs=("think_budget", "correct"))
+@estimator("hbpo", needs=("think_budget", "correct"),
+           ranges={"beta": "(0, inf)", "l_max": "[1, inf)", "alpha": "[0, inf)", "eps": "[0, inf)"})
 def hbpo(batch: RolloutBatch, *, beta: float = 4.0, l_max: int = 4096, alpha: float | None = None,
          piecewise: bool = False, eps: float = 1e-6, singleton: Singleton = "zero") -> Credit:
     """HBPO: budget-aware reward, GRPO z-score over the whole group plus an intra-budget term.
@@ -249,7 +250,7 @@ def vsrm_step_rewards(cut_scores: Tensor, valid: Tensor, *, lookahead: int, deca
     if lookahead <= 0:
         return d
     out, filled = d.clone(), d != 0
-    for j in range(1, lookahead + 1):  # nearest nonzero future difference first
+    for j in range(1, min(lookahead, d.shape[1]) + 1):  # nearest nonzero future difference first
         ahead = torch.cat([d[:, j:], torch.zeros_like(d[:, :j])], dim=1) if j < d.shape[1] else torch.zeros_like(d)
         take = ~filled & (ahead != 0) & valid & (torch.arange(d.shape[1]) >= 1)
         out = torch.where(take, decay**j * ahead, out)
@@ -257,7 +258,9 @@ def vsrm_step_rewards(cut_scores: Tensor, valid: Tensor, *, lookahead: int, deca
     return out
 
 
-@estimator("vsrm", needs=("cut_lens", "cut_scores"))
+@estimator("vsrm", needs=("cut_lens", "cut_scores"),
+           ranges={"step_coef": "[0, inf)", "gamma": "[0, 1]", "lookahead": "[0, inf)", "lookahead_decay": "[0, 1]",
+                   "eps": "(0, inf)"})
 def vsrm(batch: RolloutBatch, *, step_coef: float = 1.0, gamma: float = 1.0, lookahead: int = 0,
          lookahead_decay: float = 0.5, whiten: bool = True, eps: float = 1e-8) -> Credit:
     """VSRM: step reward = answer accuracy after the step minus before it, on top of the outcome, REINFORCE++.

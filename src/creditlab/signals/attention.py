@@ -278,3 +278,23 @@ def produce_attention_fields(batch: RolloutBatch, policy: Any, cfg: AttnSignalCo
     if batch.punct_mask is None:
         changes["punct_mask"] = punctuation_mask(batch.response_ids, batch.response_mask, policy.tokenizer)
     return batch.replace(**changes), metrics
+
+
+def attention_producers(model: Any, tokenizer: Any, cfg: AttnSignalConfig | None = None
+                        ) -> dict[str, Any]:
+    """`{field: fn(batch) -> tensor}` for attn_waad, attn_fai and punct_mask, for trainers that take field producers
+    (TRL's `CreditGRPOTrainer(field_producers=...)`). Pass the model object the trainer trains (it is updated in
+    place, so the signals come from the current policy). One attention pass per batch serves both fields."""
+    cache: dict[str, Any] = {}
+
+    def signals(batch: RolloutBatch) -> AttnSignals:
+        if cache.get("ids") is not batch.response_ids:
+            if batch.prompt_ids is None or batch.prompt_mask is None:
+                raise ValueError("attention signals need RolloutBatch.prompt_ids and prompt_mask")
+            cache["ids"] = batch.response_ids
+            cache["sig"] = attention_signals(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                             batch.response_mask, cfg)
+        return cache["sig"]
+
+    return {"attn_waad": lambda batch: signals(batch).waad, "attn_fai": lambda batch: signals(batch).fai,
+            "punct_mask": lambda batch: punctuation_mask(batch.response_ids, batch.response_mask, tokenizer)}

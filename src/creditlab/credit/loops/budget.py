@@ -112,7 +112,7 @@ def loop_vsrm(batch, step_coef=1.0, gamma=1.0, lookahead=0, lookahead_decay=0.5,
             d2 = list(d)
             for k in range(1, len(d)):
                 if d[k] == 0:
-                    for j in range(k + 1, min(k + lookahead, len(d) - 1) + 1):
+                    for j in range(k + 1, min(k + min(lookahead, len(d)), len(d) - 1) + 1):
                         if d[j] != 0:
                             d2[k] = lookahead_decay ** (j - k) * d[j]
                             break
