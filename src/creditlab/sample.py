@@ -67,7 +67,7 @@ def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: i
     cut_lens = torch.randint(0, T + 3, (B, K), generator=ga).sort(dim=1).values
     cut_lens = torch.where(torch.arange(K)[None, :] < n_cuts[:, None], cut_lens, -1)
     cut_scores = torch.where(cut_lens >= 0, torch.rand(B, K, generator=ga), torch.zeros(B, K))
-    think_budget = torch.tensor([4, 8, 16])[torch.randint(0, 3, (B,), generator=ga)]
+    think_budget = torch.tensor([1, 2, 3])[torch.randint(0, 3, (B,), generator=ga)]  # small: any l_max >= 3 fits
     correct = (rewards > 0) & (torch.rand(B, generator=ga) < 0.8)
     batch = RolloutBatch(
         response_ids=ids, response_mask=mask, group_ids=group_ids, rewards=rewards,
