@@ -156,3 +156,13 @@ def test_punctuation_mask():
 def test_bad_config_is_a_clear_error(kw, needle):
     with pytest.raises(ValueError, match=needle):
         AttnSignalConfig(**kw).validate()
+
+
+def test_bf16_pass_stays_close_to_fp32(gqa_policy):
+    batch = generate(gqa_policy, ["Add 3 and 4.\n"], 2, SamplingConfig(max_new_tokens=16), seed=5)
+    args = (gqa_policy.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    fp32 = attention_signals(*args, AttnSignalConfig(h_lo=1))
+    bf16 = attention_signals(*args, AttnSignalConfig(h_lo=1, bf16=True))
+    assert bf16.waad.dtype == torch.float32 and torch.isfinite(bf16.waad).all()
+    torch.testing.assert_close(bf16.waad, fp32.waad, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(bf16.fai, fp32.fai, atol=0.02, rtol=0.1)

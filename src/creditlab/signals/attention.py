@@ -22,9 +22,10 @@ the pass. The forward stops after the last chosen layer and computes no logits.
 Library choices (not in the paper): head sets are chosen per response; `sink` leading valid positions of each
 sequence (the BOS / first prompt token, an attention sink) are dropped from the keys and each row renormalised
 (`sink=0` keeps the paper's raw maps); FAI of a token with no response row in its horizon is 0; rows are
-processed `rows_per_pass` at a time. Supported: Llama-style attention modules (q_proj/k_proj, rotary position
-embeddings, optional q_norm/k_norm as in Qwen3) with full causal attention; sliding-window or soft-capped
-attention is not reproduced.
+processed `rows_per_pass` at a time; with `bf16` (the trainer follows --bf16, as the sampler does) the layers run
+under bf16 autocast, which moves WAAD by ~1% of its range (signals, as the sampler's bf16 log-probs).
+Supported: Llama-style attention modules (q_proj/k_proj, rotary position embeddings, optional q_norm/k_norm as in
+Qwen3) with full causal attention; sliding-window or soft-capped attention is not reproduced.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class AttnSignalConfig:
     sink: int = 1  # leading valid positions dropped from the keys (library choice; 0 = paper's raw maps)
     chunk: int = 128  # response rows per attention-probability chunk (memory ~ B*H*chunk*N floats)
     rows_per_pass: int = 8  # sequences per forward
+    bf16: bool = False  # run the model's forward under bf16 autocast (q/k, probabilities and reductions stay fp32)
 
     def validate(self) -> None:
         if self.window < 1 or self.h_lo < 0 or self.h_hi < self.h_lo:
@@ -169,7 +171,13 @@ def _qk(module: torch.nn.Module, hidden: Tensor, position_embeddings: tuple[Tens
 
 def _layer_stats(module: torch.nn.Module, hidden: Tensor, pe: tuple[Tensor, Tensor], key_ok: Tensor, P: int,
                  response_mask: Tensor, cfg: AttnSignalConfig) -> dict[str, Tensor]:
-    q, k = _qk(module, hidden, pe)  # [B,H,N,d]
+    q, k = _qk(module, hidden, pe)  # [B,H,N,d] fp32 (the projections may run under the caller's autocast)
+    with torch.autocast(q.device.type, enabled=False):  # probabilities and reductions in fp32
+        return _chunked_stats(module, q, k, key_ok, P, response_mask, cfg)
+
+
+def _chunked_stats(module: torch.nn.Module, q: Tensor, k: Tensor, key_ok: Tensor, P: int, response_mask: Tensor,
+                   cfg: AttnSignalConfig) -> dict[str, Tensor]:
     B, H, N, _ = q.shape
     T = N - P
     out = {"dist": q.new_zeros(B, H), "waad": q.new_zeros(B, H, T), "fai": q.new_zeros(B, H, T)}
@@ -211,7 +219,8 @@ def _one_pass(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, response_ids:
     was_training = model.training
     model.eval()
     try:
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
+        with torch.autocast(ids.device.type, torch.bfloat16, enabled=cfg.bf16):
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
     except _StopForwardError:
         pass
     finally:

@@ -161,7 +161,7 @@ def truncate_and_answer(batch: RolloutBatch, cuts: Cuts, ctx: Any, *, answers: i
         ctx.count("tokens/extra", sum(len(a) for outs in sampled for a in outs))
     mean = torch.tensor([sum(s) / len(s) for s in scores] or [0.0], dtype=torch.float32)
     cut_scores = torch.where(cell_prefix >= 0, mean[cell_prefix.clamp_min(0)], torch.zeros(B, K))
-    cut_scores = torch.where(cuts.own, batch.rewards.float().cpu()[:, None].expand(B, K), cut_scores)
+    cut_scores = torch.where(cuts.own.cpu(), batch.rewards.float().cpu()[:, None].expand(B, K), cut_scores)
     cut_scores = torch.where(cuts.cut_lens.cpu() >= 0, cut_scores, torch.zeros(B, K))
     return Answers(cuts.cut_lens, cut_scores.to(batch.response_ids.device), prefixes, owner, sampled, scores)
 

@@ -53,7 +53,8 @@ class AttentionComponent(Component):
         self.policy = policy
         self.signal_cfg = AttnSignalConfig(window=a.attn_window, h_lo=a.attn_horizon_lo, h_hi=a.attn_horizon_hi,
                                            head_frac=a.attn_head_frac, layers=a.layers(), sink=a.attn_sink,
-                                           chunk=a.attn_chunk, rows_per_pass=a.attn_rows_per_pass)
+                                           chunk=a.attn_chunk, rows_per_pass=a.attn_rows_per_pass,
+                                           bf16=bool(cfg.rollout.bf16))  # the sampler's precision
         self.signal_cfg.validate()
         self._metrics: dict[str, float] = {}
 
