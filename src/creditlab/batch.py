@@ -3,6 +3,8 @@
 Shape letters (used everywhere in creditlab):
     B  responses (rows) in the batch        T  padded response length (token columns)
     S  padded number of steps/segments      P  padded prompt length
+    N  padded number of turns (multi-turn agent rows; independent of S so that steps inside turns can coexist)
+    C  padded number of Monte-Carlo cut points (response prefixes whose value was estimated)
     K  padded number of cut points (truncate-and-answer budgets or step boundaries)
 
 A `RolloutBatch` is what estimators read; a `Credit` is what they return. Optional fields are filled by
@@ -76,8 +78,16 @@ FIELDS: dict[str, FieldSpec] = {
                               "a step scorer (creditlab.signals.prm)"),
     "step_labels": FieldSpec(("B", "S"), "long", "oracle step correctness: 1 right, 0 wrong, -1 no label",
                              "a task with oracle step labels (arith_chain)"),
-    "mc_values": FieldSpec(("B", "S"), "float", "Monte-Carlo value estimate at each segment boundary",
+    "mc_values": FieldSpec(("B", "C"), "float", "Monte-Carlo value estimate (mean continuation reward) of the "
+                           "state prompt + response[:mc_cuts] in the same column; 0 on padding columns",
                            "creditlab.signals.mc (continuations from prefixes)"),
+    "mc_cuts": FieldSpec(("B", "C"), "long", "response prefix length (token columns; 0 = the prompt alone) of the "
+                         "state whose value mc_values holds in the same column; -1 on padding columns, which come "
+                         "last; strictly increasing; inside the row's response",
+                         "creditlab.signals.mc (a cut rule per estimator)"),
+    "tree_node": FieldSpec(("B", "T"), "long", "id of the segment-tree node each response token was sampled in: "
+                           "rows that share an id share that segment and every segment before it",
+                           "creditlab.rollout.tree (--rollout tree)"),
     "planning_mask": FieldSpec(("B", "T"), "bool", "True on planning tokens (inside a strategic gram)",
                                "creditlab.signals.strategic (strategic-gram detector)"),
     "prm_logprobs": FieldSpec(("B", "T"), "float", "log-prob of each sampled token under an implicit PRM",
@@ -100,6 +110,15 @@ FIELDS: dict[str, FieldSpec] = {
                          "a task verifier (creditlab.tasks)"),
     "turn_ids": FieldSpec(("B", "T"), "long", "turn index of each token in multi-turn rows; -1 outside",
                           "a multi-turn environment"),
+    "turn_rewards": FieldSpec(("B", "N"), "float", "environment reward of each turn of a multi-turn row, "
+                              "invalid-action penalties included (rewards = their sum for creditlab's envs); "
+                              "0 beyond the row's last turn", "the multi-turn rollout (creditlab.rollout.multiturn)"),
+    "anchor_states": FieldSpec(("B", "N"), "long", "signed 64-bit hash of the canonical environment state "
+                               "(no history) each turn starts from: GiGPO's anchor state; 0 beyond the last turn",
+                               "the multi-turn rollout (creditlab.rollout.multiturn)"),
+    "answer_probs": FieldSpec(("B", "N"), "float", "policy probability of the ground-truth answer (exp of the "
+                              "mean token log-prob, teacher-forced) given the context before turn n (IGPO)",
+                              "creditlab.signals.info_gain (one extra forward per turn)"),
     "traj_ids": FieldSpec(("B",), "long", "trajectory id of each row when one row is one agent step",
                           "an agent environment"),
     "anchor_obs": FieldSpec(("B",), "long", "hash of the canonical environment state a row starts from",
@@ -140,6 +159,8 @@ class RolloutBatch:
     step_rewards: Tensor | None = None
     step_labels: Tensor | None = None
     mc_values: Tensor | None = None
+    mc_cuts: Tensor | None = None
+    tree_node: Tensor | None = None
     planning_mask: Tensor | None = None
     prm_logprobs: Tensor | None = None
     attn_fai: Tensor | None = None
@@ -150,6 +171,9 @@ class RolloutBatch:
     think_budget: Tensor | None = None
     correct: Tensor | None = None
     turn_ids: Tensor | None = None
+    turn_rewards: Tensor | None = None
+    anchor_states: Tensor | None = None
+    answer_probs: Tensor | None = None
     traj_ids: Tensor | None = None
     anchor_obs: Tensor | None = None
     strata: Tensor | None = None
@@ -226,8 +250,18 @@ class RolloutBatch:
                 and self.cut_lens.shape != self.cut_scores.shape:
             raise ValueError(f"RolloutBatch.cut_scores shape {tuple(self.cut_scores.shape)} != cut_lens shape "
                              f"{tuple(self.cut_lens.shape)}")
-        if self.turn_ids is not None and bool(((~mask) & (self.turn_ids != -1)).any()):
-            raise ValueError("RolloutBatch.turn_ids must be -1 outside response_mask")
+        if self.mc_cuts is not None:
+            _check_cuts(self.mc_cuts, self.T)
+        if self.turn_ids is not None:
+            if bool(((~mask) & (self.turn_ids != -1)).any()):
+                raise ValueError("RolloutBatch.turn_ids must be -1 outside response_mask")
+            if bool((self.turn_ids < -1).any()):
+                raise ValueError("RolloutBatch.turn_ids must be >= -1 (-1 means 'no turn')")
+            for name in ("turn_rewards", "anchor_states", "answer_probs"):
+                turns = getattr(self, name)
+                if turns is not None and self.turn_ids.numel() and int(self.turn_ids.max()) >= turns.shape[1]:
+                    raise ValueError(f"RolloutBatch.{name} has N={turns.shape[1]} columns but turn_ids "
+                                     f"reaches {int(self.turn_ids.max())}")
         if self.step_labels is not None and bool(((self.step_labels < -1) | (self.step_labels > 1)).any()):
             raise ValueError("RolloutBatch.step_labels must be in {-1, 0, 1}")
         if self.prompt_ids is not None and self.prompt_mask is not None \
@@ -245,7 +279,7 @@ class RolloutBatch:
         top = int(sid.max()) if sid.numel() else -1  # T = 0: no step at all
         if top >= MAX_ID:
             raise ValueError(f"RolloutBatch.step_ids must be < 2^31 (step numbers), got {top}")
-        for name in ("step_rewards", "step_labels", "mc_values"):
+        for name in ("step_rewards", "step_labels"):  # mc_values is indexed by cut (mc_cuts), not by step
             steps = getattr(self, name)
             if steps is not None and top >= steps.shape[1]:
                 raise ValueError(f"RolloutBatch.{name} has S={steps.shape[1]} columns but step_ids reaches {top}")
@@ -302,6 +336,18 @@ def _check_field(name: str, value: Any, sizes: dict[str, int], sources: dict[str
         if biggest > MAX_ABS:
             raise ValueError(f"RolloutBatch.{name} has |value| up to {biggest:.3g}, above the {MAX_ABS:g} that "
                              f"creditlab accepts (credit is float32, largest 3.4e38); rescale it")
+
+
+def _check_cuts(cuts: Tensor, T: int) -> None:
+    """mc_cuts: -1 padding after the valid columns, valid cuts strictly increasing (estimators check each cut
+    against its row's response length; with T = 0 every row is empty and no cut is read)."""
+    valid = cuts >= 0  # [B, C]
+    if bool((cuts < -1).any()) or bool((cuts >= MAX_ID).any()):
+        raise ValueError("RolloutBatch.mc_cuts must be -1 (padding) or a prefix length in [0, 2^31)")
+    if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+        raise ValueError("RolloutBatch.mc_cuts must hold its valid cuts first and -1 padding after them")
+    if bool((valid[:, 1:] & (cuts[:, 1:] <= cuts[:, :-1])).any()):
+        raise ValueError("RolloutBatch.mc_cuts must be strictly increasing along each row")
 
 
 def fields_table() -> str:

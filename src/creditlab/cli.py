@@ -18,7 +18,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.fields:
         print(fields_table())
         return 0
+    from creditlab.envs import list_envs
+
     print("tasks:\n  " + "\n  ".join(list_tasks()))
+    print("environments (multi-turn tasks of the same name):\n  " + "\n  ".join(list_envs()))
     print("policies:\n  " + "\n  ".join(list_policies()) + "\n  <any local Hugging Face model directory>")
     print("estimators:")
     for name in list_estimators():

@@ -53,6 +53,9 @@ def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: i
     n_steps = (step_ids.max(dim=1).values + 1)  # [B]
     step_labels = torch.where(torch.arange(S)[None, :] < n_steps[:, None], step_labels, -1)
     mc_values = torch.rand(B, S, generator=g)
+    mc_cuts = step_starts(step_ids, S)  # [B, S]: the value of each step's starting state (VinePPO's cuts)
+    mc_values = torch.where(mc_cuts >= 0, mc_values, torch.zeros_like(mc_values))
+    tree_node = _step_tree(ids, step_ids, group_ids)  # [B, T]: steps as segment-tree nodes
     strata = torch.randint(0, 3, (B,), generator=g)
     planning_mask = mask & (torch.rand(B, T, generator=g) < 0.25)
     prm_logprobs = torch.where(mask, logprobs + 0.2 * torch.randn(B, T, generator=g), torch.zeros(B, T))
@@ -73,11 +76,53 @@ def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: i
         response_ids=ids, response_mask=mask, group_ids=group_ids, rewards=rewards,
         logprobs=logprobs, ref_logprobs=ref_logprobs, entropies=entropies, certainty=certainty,
         token_logits=token_logits, values=values, token_rewards=token_rewards, step_ids=step_ids,
-        step_rewards=step_rewards, step_labels=step_labels, mc_values=mc_values, strata=strata,
+        step_rewards=step_rewards, step_labels=step_labels, mc_values=mc_values, mc_cuts=mc_cuts,
+        tree_node=tree_node, strata=strata,
         planning_mask=planning_mask, prm_logprobs=prm_logprobs, attn_waad=attn_waad, attn_fai=attn_fai,
         punct_mask=punct_mask, cut_lens=cut_lens, cut_scores=cut_scores, think_budget=think_budget, correct=correct,
         texts=[" ".join(str(int(t)) for t in ids[b, : int(lengths[b])]) for b in range(B)],
     )
+    batch = batch.replace(**turn_fields(mask, seed, max_steps))
     if shuffle:
         batch = batch.select(torch.randperm(B, generator=g))
     return batch.validate()
+
+
+def turn_fields(mask: torch.Tensor, seed: int, max_turns: int) -> dict[str, torch.Tensor]:
+    """turn_ids (contiguous turns over the valid tokens), turn_rewards, anchor_states (few distinct values, so that
+    anchor groups repeat) and answer_probs; drawn from their own generator so the other fields stay unchanged."""
+    g = torch.Generator().manual_seed(seed + 7_777)
+    B, T = mask.shape
+    cuts = torch.rand(B, T, generator=g) < (max_turns - 1) / max(T, 1)
+    turn_ids = torch.cumsum(cuts.long(), dim=1) - cuts[:, :1].long()
+    turn_ids = torch.where(mask, turn_ids.clamp_max(max_turns - 1), torch.full_like(turn_ids, -1))
+    N = max_turns
+    return {"turn_ids": turn_ids, "turn_rewards": torch.randint(-2, 3, (B, N), generator=g).float() / 2,
+            "anchor_states": torch.randint(0, 3, (B, N), generator=g),
+            "answer_probs": torch.rand(B, N, generator=g) * 0.98 + 0.01}
+
+
+def step_starts(step_ids: torch.Tensor, S: int) -> torch.Tensor:
+    """[B, S] long: first token column of each step (-1 for steps a row does not have)."""
+    B, T = step_ids.shape
+    pos = torch.arange(T).expand(B, T)
+    big = torch.full((B, S + 1), T, dtype=torch.long)  # column S collects the -1 tokens
+    first = big.scatter_reduce(1, torch.where(step_ids >= 0, step_ids, S), pos, "amin")[:, :S]
+    return torch.where(first < T, first, torch.full_like(first, -1))
+
+
+def _step_tree(ids: torch.Tensor, step_ids: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] long tree_node: each step of a row is a tree node; rows of a group share a node when they share the
+    tokens and step boundaries up to its end and both continue after it (a row's last step is its own leaf)."""
+    B, T = ids.shape
+    out = torch.full((B, T), -1, dtype=torch.long)
+    keys: dict[tuple, int] = {}
+    for b in range(B):
+        n = int(step_ids[b].max()) + 1 if T else 0
+        for k in range(n):
+            cols = (step_ids[b] == k).nonzero().flatten()
+            end = int(cols.max()) + 1
+            prefix = tuple(zip(ids[b, :end].tolist(), step_ids[b, :end].tolist()))
+            key = (int(group_ids[b]), prefix) if k < n - 1 else ("leaf", b)
+            out[b, cols] = keys.setdefault(key, len(keys))
+    return out

@@ -142,6 +142,7 @@ def test_gae_matches_loop_with_holes_in_the_mask(gamma, lam):
         holes = torch.rand(b.response_mask.shape, generator=torch.Generator().manual_seed(seed)) < 0.2
         mask = b.response_mask & ~holes
         b = b.replace(response_mask=mask, step_ids=torch.where(mask, b.step_ids, -1),
+                      turn_ids=torch.where(mask, b.turn_ids, -1),
                       token_rewards=b.token_rewards + torch.randn(b.token_rewards.shape) * 0.1)
         c = get_estimator("gae")(b, gamma=gamma, lam=lam, whiten=False)
         want_adv, want_ret = loop_gae(b, gamma, lam)

@@ -372,7 +372,8 @@ def test_prime_returns_match_loop_with_holes_in_the_mask():
         b = awkward(seed)
         holes = torch.rand(b.response_mask.shape, generator=torch.Generator().manual_seed(seed)) < 0.2
         mask = b.response_mask & ~holes  # observation tokens inside multi-turn rows
-        b = b.replace(response_mask=mask, step_ids=torch.where(mask, b.step_ids, -1))
+        b = b.replace(response_mask=mask, step_ids=torch.where(mask, b.step_ids, -1),
+                      turn_ids=torch.where(mask, b.turn_ids, -1))
         torch.testing.assert_close(get_estimator("prime")(b).advantages.double(), LOOPS["prime"](b),
                                    atol=1e-5, rtol=1e-5)
         _, ret = LOOPS["prime"](b, return_returns=True)

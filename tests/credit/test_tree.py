@@ -137,7 +137,8 @@ def test_tempo_matches_loop_with_holes_in_the_mask():
         b = _batch(seed, T=12)
         holes = torch.rand(b.response_mask.shape, generator=torch.Generator().manual_seed(seed)) < 0.2
         mask = b.response_mask & ~holes
-        b = b.replace(response_mask=mask, step_ids=torch.where(mask, b.step_ids, -1))
+        b = b.replace(response_mask=mask, step_ids=torch.where(mask, b.step_ids, -1),
+                      turn_ids=torch.where(mask, b.turn_ids, -1))
         torch.testing.assert_close(tempo(b).double(), loop_tempo(b), atol=2e-5, rtol=1e-5)
 
 

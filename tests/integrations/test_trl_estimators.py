@@ -54,7 +54,37 @@ def values_from_critic(batch: RolloutBatch) -> torch.Tensor:
     return torch.where(batch.response_mask, 0.1 * torch.arange(batch.T).float(), 0.0)  # a fixed toy critic
 
 
+def one_turn(field):
+    """Single-turn completions as one-turn episodes (creditlab.signals.turns), one producer per turn field."""
+    from creditlab.signals.turns import single_turn_fields
+
+    return lambda batch: single_turn_fields(batch)[field]
+
+
+TURNS = {f: one_turn(f) for f in ("turn_ids", "turn_rewards", "anchor_states")}
+
+
+def toy_cuts(batch: RolloutBatch) -> torch.Tensor:  # a toy Monte-Carlo source: the prompt and mid-response states
+    half = batch.response_mask.sum(dim=1) // 2
+    return torch.stack([torch.zeros_like(half), torch.where(half > 0, half, -1)], dim=1)  # [B, 2]
+
+
+def toy_values(batch: RolloutBatch) -> torch.Tensor:  # the toy values at toy_cuts
+    return torch.tensor([0.25, 0.5]).expand(batch.B, 2).clone()
+
+
+def toy_tree(batch: RolloutBatch) -> torch.Tensor:  # a toy segment tree: each row a chain of two segments
+    half = batch.response_mask.sum(dim=1, keepdim=True) // 2
+    node = 2 * torch.arange(batch.B)[:, None] + (torch.arange(batch.T)[None, :] >= half)
+    return torch.where(batch.response_mask, node, -1)
+
+
 SOURCES = {  # how each estimator's extra fields are supplied from TRL
+    "gigpo": dict(field_producers=TURNS),
+    "mt_grpo": dict(field_producers={f: TURNS[f] for f in ("turn_ids", "turn_rewards")}),
+    "igpo": dict(field_producers={"turn_ids": TURNS["turn_ids"],
+                                  "answer_probs": lambda batch: torch.full((batch.B, 1), 0.5)}),
+    "oprl_turn": dict(implicit_prm={"lr": 1e-2}, field_producers={"turn_ids": TURNS["turn_ids"]}),
     "gae": dict(field_producers={"values": values_from_critic}),
     "hicra": dict(planning_grams=["a b"]),
     "stratified": dict(row_fields={"strata": "level"}),
@@ -64,6 +94,11 @@ SOURCES = {  # how each estimator's extra fields are supplied from TRL
     "tp_grpo": dict(step_label_func=step_label, step_split=SPLIT),
     "prime": dict(implicit_prm={"lr": 1e-2}),
     "oprl": dict(implicit_prm={"lr": 1e-2}, step_split=SPLIT),
+    # the rollout's log-probs are 0 (p = 1), which SPO's probability mask would remove entirely
+    "spo_chain": dict(field_producers={"mc_cuts": toy_cuts, "mc_values": toy_values},
+                      estimator_kwargs={"prob_mask": False}),
+    "vineppo": dict(field_producers={"mc_cuts": toy_cuts, "mc_values": toy_values}),
+    "spo_tree": dict(field_producers={"tree_node": toy_tree}, estimator_kwargs={"prob_mask": False}),
     # attention credit: the policy's own attention (a real model's forward; here a fixed copy of the toy model)
     **{n: (lambda tok, n=n: dict(field_producers={
         f: fn for f, fn in attention_producers(w.model(tok), tok, AttnSignalConfig(h_lo=1, h_hi=5)).items()

@@ -36,6 +36,9 @@ COMPONENTS = {
     # ... and OPRL's, which divides by the rollout's log-probs (no reference model in its state)
     "scorer:implicit/oprl": ["--estimator", "oprl", "--scorer", "implicit", "--scorer-kwargs",
                              '{"mode": "oprl", "lr": 0.001}'],
+    # Monte-Carlo values: no state, the continuations are seeded by the step (spo_chain's cuts, vineppo's steps)
+    "mc": ["--estimator", "spo_chain", "--mc-samples", "2"],
+    "mc/vineppo": ["--estimator", "vineppo", "--mc-samples", "2"],
     # attention signals: one extra forward with the current policy (stateless)
     "attention": ["--estimator", "attn_coupled", "--attn-horizon-lo", "1", "--attn-horizon-hi", "8"],
     # truncate-and-answer at budgets, seeded by the step; BRPO's summary tokens join the update (2 minibatches:

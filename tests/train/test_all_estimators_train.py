@@ -1,7 +1,8 @@
 """Every registered estimator trains `tiny` on arith_chain through `creditlab train` without NaN.
 
 Signals come from their producers: oracle step labels/rewards from the task, planning masks from the strategic-
-gram detector, strata from the step count, implicit-PRM log-probs from `--scorer implicit`.
+gram detector, strata from the step count, implicit-PRM log-probs from `--scorer implicit`, Monte-Carlo values from
+the MC component (--mc-samples 2), segment trees from `--rollout tree`.
 """
 
 import json
@@ -18,7 +19,10 @@ BASE = ["--task", "arith_chain", "--task-kwargs", '{"n_steps": 2}', "--policy", 
 
 
 def scorer_args(name: str) -> list[str]:
-    return ["--scorer", "implicit"] if "prm_logprobs" in get_spec(name).needs else []
+    needs = get_spec(name).needs
+    tree = ["--rollout", "tree", "--tree-fanout", "2,2", "--tree-segment-len", "6"] if "tree_node" in needs else []
+    mc = ["--mc-samples", "2"] if "mc_values" in needs else []
+    return (["--scorer", "implicit"] if "prm_logprobs" in needs else []) + tree + mc
 
 
 @pytest.mark.parametrize("name", [n for n in list_estimators() if "values" not in get_spec(n).needs])

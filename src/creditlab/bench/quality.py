@@ -1,8 +1,19 @@
-"""`creditlab credit-quality`: do an estimator's per-token advantages point at the first wrong step?
+"""`creditlab credit-quality`: do an estimator's per-token advantages point at the steps that mattered?
 
-One fixed policy (a warm-started `tiny`, or `--policy DIR`) samples G responses to each of N `arith_chain`
-prompts; the task's verifier labels every step. Every signal an estimator may need is produced once for the
-whole batch, and every registered estimator (whatever is registered at run time) turns the same batch into
+Two ground truths (``--reference``):
+
+- ``oracle`` (default, arith_chain): the task verifier's step labels; the scores below (first-wrong-step AUROC).
+- ``mc`` (any task): the true advantage of every step, A_k = V(s_{k+1}) - V(s_k), estimated with ``--mc-samples``
+  continuations per state; scores are the within-response Spearman correlation with A_k and the AUROC of the step
+  with the most negative A_k (`creditlab.bench.mc_reference`, where the definitions are).
+
+Monte-Carlo estimators (spo_chain, vineppo) get their own values, sampled at their own cut points with
+``--estimator-mc-samples`` continuations (independent of the reference's); estimators that need a segment-tree
+rollout (spo_tree) are listed as skipped: the benchmark's responses are independent samples.
+
+Oracle reference. One fixed policy (a warm-started `tiny`, or `--policy DIR`) samples G responses to each of N
+`arith_chain` prompts; the task's verifier labels every step. Every signal an estimator may need is produced once
+for the whole batch, and every registered estimator (whatever is registered at run time) turns the same batch into
 advantages [B,T]. Then, for every response with a wrong step (``Score.first_error`` is not None):
 
     before   the response's tokens *positioned before* the first token of its first wrong step (correct steps,
@@ -42,7 +53,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -53,6 +64,7 @@ from creditlab.batch import RolloutBatch
 FIELD_NOTES = {
     "prm_logprobs": "implicit PRM at init (q≡0): outcome part only",
     "values": "values≡0 (no critic): constant per response",
+    "mc_values": "own MC values at its cut points",
 }
 
 
@@ -68,6 +80,29 @@ class QualityConfig:
     resamples: int = 1000  # bootstrap resamples over responses (95 percent intervals)
     estimators: str = ""  # comma-separated estimator names (default: every registered estimator)
     sft_steps: int = 0  # warm-start steps when no --policy is given (0 = BENCH_SFT_STEPS)
+    reference: Literal["oracle", "mc"] = "oracle"  # ground truth: oracle step labels (arith_chain) or MC step values
+    task: str = ""  # task ("" = the benchmark's arith_chain); --reference mc works on any task
+    task_kwargs: str = ""  # JSON task options ("" = the benchmark's options for its task, {} otherwise)
+    mc_samples: int = 32  # --reference mc: continuations per state for the true step values (K)
+    mc_responses: int = 64  # --reference mc: responses given a reference, drawn at random (0 = every one)
+    mc_steps: Literal["newline", "task", "double_newline"] = "newline"  # --reference mc: what a step is
+    estimator_mc_samples: int = 4  # continuations per cut point for the MC estimators (spo_chain, vineppo)
+
+    def validate(self) -> None:
+        for flag, v in (("--mc-samples", self.mc_samples), ("--estimator-mc-samples", self.estimator_mc_samples),
+                        ("--prompts", self.prompts), ("--group-size", self.group_size),
+                        ("--resamples", self.resamples)):
+            if v < 1:
+                raise ValueError(f"{flag} must be >= 1, got {v}")
+        if self.mc_responses < 0:
+            raise ValueError(f"--mc-responses must be >= 0, got {self.mc_responses}")
+
+    def task_spec(self) -> tuple[str, str]:
+        """(task name, JSON options) this run uses."""
+        from creditlab.bench.learning import BENCH_TASK, BENCH_TASK_KWARGS
+
+        name = self.task or BENCH_TASK
+        return name, self.task_kwargs or (BENCH_TASK_KWARGS if name == BENCH_TASK else "{}")
 
 
 # ------------------------------------------------------------------------------------------------ AUROC
@@ -160,11 +195,20 @@ def outcome_token_rewards(batch: RolloutBatch) -> Tensor:
 
 
 def fill_signals(batch: RolloutBatch, ctx: Any) -> RolloutBatch:
-    """Every signal this benchmark can produce (module docstring), on top of what the rollout filled."""
+    """Every signal this benchmark can produce (module docstring), on top of what the rollout filled.
+
+    A task without verifier step labels gets one step per line and no step labels / step rewards (estimators that
+    read them are then listed as skipped)."""
     from creditlab.signals.prm import get_scorer, produce_step_signals
     from creditlab.signals.produce import PRODUCERS, produce_signals
+    from creditlab.signals.steps import Segmenter
 
-    batch = produce_signals(batch, list(PRODUCERS), ctx)  # oracle steps/labels/step_rewards, planning, strata
+    names = list(PRODUCERS)
+    if not all(getattr(s, "step_labels", None) is not None and getattr(s, "step_spans", None) is not None
+               for s in ctx.scores):
+        batch = batch.replace(step_ids=Segmenter("newline").segment(batch, ctx).step_ids)
+        names = [n for n in names if n not in ("step_ids", "step_labels", "step_rewards")]
+    batch = produce_signals(batch, names, ctx)  # oracle steps/labels/step_rewards, planning, strata
     batch = produce_step_signals(batch, get_scorer("implicit"), ctx)  # adds prm_logprobs, ref_logprobs (q ≡ 0)
     return batch.replace(token_rewards=outcome_token_rewards(batch),
                          values=torch.zeros(batch.B, batch.T)).validate()
@@ -172,13 +216,12 @@ def fill_signals(batch: RolloutBatch, ctx: Any) -> RolloutBatch:
 
 def sample_scored_batch(policy: Any, cfg: QualityConfig) -> tuple[RolloutBatch, list[Any], Any]:
     """(batch with rewards and every signal, scores per row, signal context) for cfg.prompts × cfg.group_size."""
-    from creditlab.bench.learning import BENCH_TASK as TASK
-    from creditlab.bench.learning import BENCH_TASK_KWARGS as TASK_KWARGS
     from creditlab.rollout.hf import SamplingConfig, generate
     from creditlab.signals.produce import SignalContext
     from creditlab.tasks import get_task
 
-    task = get_task(TASK, **json.loads(TASK_KWARGS))
+    name, options = cfg.task_spec()
+    task = get_task(name, **json.loads(options))
     problems = task.problems("test", cfg.prompts, cfg.seed)
     sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     policy.model.eval()
@@ -186,8 +229,26 @@ def sample_scored_batch(policy: Any, cfg: QualityConfig) -> tuple[RolloutBatch, 
                      seed=cfg.seed)
     scores = [task.score(problems[g], text) for g, text in zip(batch.group_ids.tolist(), batch.texts)]
     batch = batch.replace(rewards=torch.tensor([s.reward for s in scores], dtype=torch.float32))
-    ctx = SignalContext(policy=policy, problems=problems, scores=scores)
+    ctx = SignalContext(policy=policy, problems=problems, scores=scores, task=task, seed=cfg.seed)
     return fill_signals(batch, ctx), scores, ctx
+
+
+def mc_estimator_batches(batch: RolloutBatch, ctx: Any, names: Sequence[str], cfg: QualityConfig
+                         ) -> dict[str, RolloutBatch]:
+    """For each estimator reading mc_values: the batch with its own mc_cuts / mc_values (its cut rule, its default
+    hyper-parameters, `estimator_mc_samples` continuations, seeds independent of the MC reference's)."""
+    from creditlab.registry import get_spec
+    from creditlab.rollout.hf import SamplingConfig
+    from creditlab.signals.mc import produce_mc
+
+    sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    out = {}
+    for i, name in enumerate(names):
+        spec = get_spec(name)
+        if "mc_values" in spec.needs:
+            out[name], _ = produce_mc(batch, ctx, name, spec.defaults, samples=cfg.estimator_mc_samples,
+                                      sampling=sampling, seed=cfg.seed + 1_000 + i)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
@@ -205,9 +266,11 @@ class QualityRow:
 
 
 def score_estimators(batch: RolloutBatch, before: Tensor, wrong: Tensor, names: Sequence[str], *,
-                     resamples: int, seed: int) -> tuple[list[QualityRow], dict[str, Tensor]]:
+                     resamples: int, seed: int, batches: dict[str, RolloutBatch] | None = None
+                     ) -> tuple[list[QualityRow], dict[str, Tensor]]:
     """One QualityRow per estimator (rows of `batch` outside before/wrong are ignored), plus the bootstrap
-    samples of the within-response mean per estimator (for the bar chart)."""
+    samples of the within-response mean per estimator (for the bar chart). `batches` gives some estimators their
+    own copy of the batch (the same responses with extra fields, e.g. their Monte-Carlo values)."""
     from creditlab.registry import get_estimator, get_spec
 
     usable = before.any(1) & wrong.any(1)  # [B] responses in the benchmark
@@ -220,13 +283,14 @@ def score_estimators(batch: RolloutBatch, before: Tensor, wrong: Tensor, names: 
     rows, boots = [], {}
     for name in names:
         spec = get_spec(name)
-        missing = [f for f in spec.needs if getattr(batch, f) is None]
+        own = (batches or {}).get(name, batch)
+        missing = [f for f in spec.needs if getattr(own, f) is None]
         notes = [FIELD_NOTES[f] for f in spec.needs if f in FIELD_NOTES]
         if missing:
             rows.append(QualityRow(name, ",".join(spec.needs), nan, nan, nan, nan, nan, nan,
                                    f"skipped: no producer here for {', '.join(missing)}"))
             continue
-        adv = get_estimator(name)(batch).advantages  # [B, T]
+        adv = get_estimator(name)(own).advantages  # [B, T]
         if len(used) == 0:  # still run every estimator, but there is nothing to measure
             rows.append(QualityRow(name, ",".join(spec.needs) or "-", nan, nan, nan, nan, nan, nan,
                                    "; ".join([*notes, "no usable response"])))
@@ -241,15 +305,17 @@ def score_estimators(batch: RolloutBatch, before: Tensor, wrong: Tensor, names: 
     return rows, boots
 
 
-def warm_start(out: Path, seed: int, steps: int = 0) -> str:
-    """A tiny policy warm-started like `bench --preset quick` (the benchmarks' fixed settings), cached in `out`."""
+def warm_start(out: Path, seed: int, steps: int = 0, task: tuple[str, str] | None = None) -> str:
+    """A tiny policy warm-started like `bench --preset quick` (the benchmarks' fixed settings; `task` = (name, JSON
+    options), default the benchmark's), cached in `out`."""
     from creditlab.bench.learning import BENCH_SFT_STEPS as SFT_STEPS
     from creditlab.bench.learning import BENCH_TASK as TASK
     from creditlab.bench.learning import BENCH_TASK_KWARGS as TASK_KWARGS
     from creditlab.bench.learning import cached_sft
     from creditlab.train.config import SFTConfig
 
-    cached_sft(SFTConfig(task=TASK, task_kwargs=TASK_KWARGS, policy="tiny", out_dir=str(out), seed=seed,
+    name, options = task or (TASK, TASK_KWARGS)
+    cached_sft(SFTConfig(task=name, task_kwargs=options, policy="tiny", out_dir=str(out), seed=seed,
                          steps=steps or SFT_STEPS))
     return str(out)
 
@@ -266,12 +332,19 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
     unknown = sorted(set(names) - set(list_estimators()))
     if unknown:
         raise KeyError(f"unknown estimator(s) {unknown}; registered estimators: {list_estimators()}")
-    policy_dir = cfg.policy or warm_start(out / "policy", cfg.seed, cfg.sft_steps)
+    cfg.validate()
+    policy_dir = cfg.policy or warm_start(out / "policy", cfg.seed, cfg.sft_steps, cfg.task_spec())
     torch.manual_seed(cfg.seed)
     policy = load_policy(policy_dir)
-    batch, scores, _ = sample_scored_batch(policy, cfg)
+    if cfg.reference == "mc":
+        return run_mc_quality(cfg, policy, policy_dir, names, t0)
+    batch, scores, ctx = sample_scored_batch(policy, cfg)
+    if any(getattr(s, "step_labels", None) is None for s in scores):
+        raise ValueError(f"--reference oracle needs a task with oracle step labels (arith_chain); task "
+                         f"{cfg.task_spec()[0]!r} has none: use --reference mc")
+    own = mc_estimator_batches(batch, ctx, names, cfg)
     before, wrong = error_masks(batch, [s.first_error for s in scores])
-    rows, boots = score_estimators(batch, before, wrong, names, resamples=cfg.resamples, seed=cfg.seed)
+    rows, boots = score_estimators(batch, before, wrong, names, resamples=cfg.resamples, seed=cfg.seed, batches=own)
     stats = batch_stats(batch, scores, before, wrong)
     summary = {"config": asdict(cfg), "policy": policy_dir, "stats": stats, "rows": [asdict(r) for r in rows],
                "seconds": time.perf_counter() - t0}
@@ -279,6 +352,83 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
     write_charts(out, boots, rows)
     (out / "report.md").write_text(format_report(rows, stats, cfg, policy_dir))
     return summary
+
+
+def run_mc_quality(cfg: QualityConfig, policy: Any, policy_dir: str, names: Sequence[str], t0: float
+                   ) -> dict[str, Any]:
+    """`--reference mc`: every estimator against Monte-Carlo step advantages (creditlab.bench.mc_reference)."""
+    from creditlab.bench.mc_reference import estimate_reference, reference_stats, score_against_reference
+    from creditlab.registry import get_estimator, get_spec
+    from creditlab.rollout.hf import SamplingConfig
+    from creditlab.signals.steps import Segmenter
+    from creditlab.viz.plots import bar_chart
+
+    out = Path(cfg.out)
+    batch, scores, ctx = sample_scored_batch(policy, cfg)
+    steps = Segmenter(cfg.mc_steps).segment(batch, ctx).step_ids  # the reference's steps
+    sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    ref = estimate_reference(batch, ctx, steps, responses=cfg.mc_responses, samples=cfg.mc_samples,
+                             sampling=sampling, seed=cfg.seed)
+    own = mc_estimator_batches(batch, ctx, names, cfg)
+    advantages, needs, notes = {}, {}, {}
+    for name in names:
+        spec = get_spec(name)
+        b = own.get(name, batch)
+        needs[name] = ",".join(spec.needs) or "-"
+        missing = [f for f in spec.needs if getattr(b, f) is None]
+        if missing:
+            notes[name] = f"skipped: no producer here for {', '.join(missing)}"
+            continue
+        notes[name] = "; ".join(FIELD_NOTES[f] for f in spec.needs if f in FIELD_NOTES)
+        advantages[name] = get_estimator(name)(b).advantages
+    rows, boots = score_against_reference(advantages, ref, resamples=cfg.resamples, seed=cfg.seed, needs=needs,
+                                          notes=notes)
+    rows += _skipped_rows(names, advantages, needs, notes)
+    rows.sort(key=lambda r: list(names).index(r.estimator))
+    stats = {**reference_stats(ref), "batch_responses": batch.B, "correct": sum(s.correct for s in scores),
+             "estimator_continuations": int(ctx.counters.get("samples/extra", 0)) - ref.continuations}
+    summary = {"config": asdict(cfg), "policy": policy_dir, "stats": stats, "rows": [asdict(r) for r in rows],
+               "seconds": time.perf_counter() - t0}
+    (out / "quality.json").write_text(json.dumps(summary, indent=2))
+    if boots and any(v.numel() for v in boots.values()):
+        bar_chart({k: v.tolist() for k, v in boots.items() if v.numel()}, out / "spearman.png",
+                  title="within-response Spearman vs MC step advantages, bootstrap means", ylabel="Spearman (0 = none)")
+    (out / "report.md").write_text(format_mc_report(rows, stats, cfg, policy_dir))
+    return summary
+
+
+def _skipped_rows(names: Sequence[str], advantages: dict, needs: dict, notes: dict) -> list[Any]:
+    from creditlab.bench.mc_reference import MCQualityRow
+
+    nan = math.nan
+    return [MCQualityRow(n, needs[n], nan, nan, nan, nan, nan, nan, notes[n]) for n in names if n not in advantages]
+
+
+def format_mc_report(rows: Sequence[Any], stats: dict[str, Any], cfg: QualityConfig, policy_dir: str) -> str:
+    from creditlab.bench.learning import environment
+    from creditlab.bench.mc_reference import format_mc_table
+
+    task, options = cfg.task_spec()
+    env = environment()
+    return "\n".join([
+        "# Credit quality against Monte-Carlo step advantages", "",
+        f"Policy `{policy_dir}`, task {task} {options}, {cfg.prompts} test prompts × {cfg.group_size} samples "
+        f"(temperature {cfg.temperature}, max {cfg.max_new_tokens} tokens), seed {cfg.seed}; steps: {cfg.mc_steps}.",
+        f"Reference: {stats['responses']} responses ({stats['steps']} steps) of {stats['batch_responses']} "
+        f"({stats['correct']} correct), K = {stats['samples_per_state']} continuations per state "
+        f"({stats['continuations']} in all); mean standard error of a true step advantage "
+        f"{stats['stderr_mean']:.3f} (mean |A_k| {stats['abs_advantage_mean']:.3f}). Spearman over "
+        f"{stats['spearman_responses']} responses whose true advantages are not all equal; worst-step AUROC over "
+        f"{stats['worst_step_responses']} responses with a negative step. MC estimators: "
+        f"{cfg.estimator_mc_samples} continuations per cut ({stats['estimator_continuations']} in all).", "",
+        format_mc_table(rows), "",
+        "Spearman: within-response rank correlation of an estimator's mean advantage per step with the true step "
+        "advantage A_k = V(s_{k+1}) - V(s_k) (0 when the estimator is constant within the response). Worst-step "
+        "AUROC: P(another step gets more credit than the step with the most negative A_k), ties 1/2; 0.5 = none. "
+        f"95% CI: percentile bootstrap over responses ({cfg.resamples} resamples, seed {cfg.seed}). "
+        "Definitions: src/creditlab/bench/mc_reference.py.", "",
+        f"git {env['git_commit'][:12]}{' (dirty)' if env['git_dirty'] else ''}, torch {env['torch']}, "
+        f"transformers {env['transformers']}, creditlab {env['creditlab']}, python {env['python']}.", ""])
 
 
 def batch_stats(batch: RolloutBatch, scores: Sequence[Any], before: Tensor, wrong: Tensor) -> dict[str, Any]:
@@ -319,10 +469,9 @@ def format_table(rows: Sequence[QualityRow]) -> str:
 
 
 def format_report(rows: Sequence[QualityRow], stats: dict[str, Any], cfg: QualityConfig, policy_dir: str) -> str:
-    from creditlab.bench.learning import BENCH_TASK as TASK
-    from creditlab.bench.learning import BENCH_TASK_KWARGS as TASK_KWARGS
     from creditlab.bench.learning import environment
 
+    TASK, TASK_KWARGS = cfg.task_spec()
     env = environment()
     return "\n".join([
         "# Credit quality: does the advantage point at the first wrong step?", "",
@@ -356,5 +505,6 @@ def run_quality_cli(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(QualityConfig, args)
     summary = run_quality(cfg)
     print((Path(cfg.out) / "report.md").read_text())
-    print(f"wrote {cfg.out}/report.md, auroc.png, auroc_pooled.png, quality.json ({summary['seconds']:.0f} s)")
+    charts = "spearman.png" if cfg.reference == "mc" else "auroc.png, auroc_pooled.png"
+    print(f"wrote {cfg.out}/report.md, {charts}, quality.json ({summary['seconds']:.0f} s)")
     return 0

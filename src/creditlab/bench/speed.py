@@ -86,7 +86,12 @@ def realistic_batch(B: int, T: int, *, group_size: int = 8, vocab: int = 32_000,
     step_labels = torch.where(torch.arange(S)[None, :] < n_step[:, None], torch.randint(0, 2, (B, S), generator=g), -1)
     last = (lengths - 1)[:, None]
     prompts = torch.randint(0, vocab, (int(group_ids.max()) + 1, prompt_len), generator=g)[group_ids]  # [B, P]
-    return RolloutBatch(
+    from creditlab.sample import step_starts
+
+    mc_cuts = step_starts(step_ids, S)  # [B, S]: Monte-Carlo values at step starts (VinePPO's states)
+    seg = max(T // 8, 1)  # segment-tree rows: chains of fixed-length segments (one node id per row and segment)
+    tree_node = torch.where(mask, torch.arange(B)[:, None] * (T // seg + 1) + torch.arange(T)[None, :] // seg, -1)
+    batch = RolloutBatch(
         response_ids=masked(ids), response_mask=mask, group_ids=group_ids, rewards=rewards,
         prompt_ids=prompts, prompt_mask=torch.ones(B, prompt_len, dtype=torch.bool),
         logprobs=masked(per_token["logprobs"]), ref_logprobs=masked(per_token["ref"]),
@@ -94,11 +99,15 @@ def realistic_batch(B: int, T: int, *, group_size: int = 8, vocab: int = 32_000,
         token_logits=masked(per_token["logits"]), values=masked(per_token["values"]),
         token_rewards=torch.zeros(B, T).scatter(1, last, rewards[:, None]), step_ids=step_ids,
         step_rewards=torch.rand(B, S, generator=g) * 2 - 1, step_labels=step_labels,
-        mc_values=torch.rand(B, S, generator=g), planning_mask=per_token["planning"] & mask,
+        mc_values=torch.where(mc_cuts >= 0, torch.rand(B, S, generator=g), 0.0), mc_cuts=mc_cuts,
+        tree_node=tree_node, planning_mask=per_token["planning"] & mask,
         prm_logprobs=masked(per_token["prm"]), attn_fai=masked(per_token["fai"]), attn_waad=masked(per_token["waad"]),
         turn_ids=torch.where(mask, 0, -1), traj_ids=torch.arange(B), anchor_obs=torch.randint(0, 4, (B,), generator=g),
         strata=torch.randint(0, 3, (B,), generator=g), texts=[f"<{int(n)} tokens>" for n in lengths],
     ).validate()
+    from creditlab.sample import turn_fields
+
+    return batch.replace(**turn_fields(mask, seed, n_steps)).validate()  # turns for the agent estimators
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:

@@ -3,4 +3,4 @@
 One module per family (see design/ARCHITECTURE.md).
 """
 
-from creditlab.credit import agent, attention, budget, outcome, planning, process, tree  # noqa: F401  (registration)
+from creditlab.credit import agent, attention, budget, outcome, planning, process, segment, tree  # noqa: F401

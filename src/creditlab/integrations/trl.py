@@ -86,7 +86,7 @@ FIELD_HOW: dict[str, str] = {
           f"completion_ids, **columns) -> one int per completion" for f in ROW_FIELDS},
 }
 _FORWARD_FIELDS = ("logprobs", "entropies", "certainty", "token_logits")
-_PAD = {"step_ids": -1, "turn_ids": -1, "step_labels": -1}  # padding value of [B,T]/[B,S] fields (default 0)
+_PAD = {"step_ids": -1, "turn_ids": -1, "step_labels": -1, "mc_cuts": -1}  # padding of [B,T]/[B,S]/[B,C] fields
 
 
 def unsupported_fields(needs: tuple[str, ...]) -> list[str]:

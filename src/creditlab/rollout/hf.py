@@ -49,6 +49,14 @@ class SamplingConfig:
     max_new_tokens: int = 64  # response length cap (tokens, EOS included)
     bf16: bool = False  # sample under bf16 autocast (faster on CPU); master weights stay fp32
 
+    @classmethod
+    def from_rollout(cls, cfg: Any, model: torch.nn.Module) -> SamplingConfig:
+        """From a `RolloutConfig`; its ``bf16=None`` (auto) is decided for `model`'s device and size."""
+        from creditlab.device import resolve_bf16
+
+        bf16 = resolve_bf16(cfg.bf16, model.device, sum(p.numel() for p in model.parameters()))
+        return cls(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, bf16=bf16)
+
 
 @dataclass
 class Sampled:

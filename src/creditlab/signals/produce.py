@@ -17,6 +17,7 @@ from torch import Tensor
 
 from creditlab.batch import FIELDS, RolloutBatch
 from creditlab.signals.prm import oracle_step_rewards
+from creditlab.signals.turns import single_turn_answer_probs, single_turn_producer
 
 
 @dataclass
@@ -94,6 +95,8 @@ PRODUCERS: dict[str, Callable[[RolloutBatch, SignalContext], dict[str, Tensor]]]
     "strata": default_strata,
     "planning_mask": planning_tokens,
     "step_rewards": oracle_step_rewards,  # task verifier labels; other scorers: signals.prm.produce_step_signals
+    **dict.fromkeys(("turn_ids", "turn_rewards", "anchor_states"), single_turn_producer),  # one-turn episodes
+    "answer_probs": single_turn_answer_probs,  # IGPO on single-turn rows (env tasks: the agent component)
 }
 
 

@@ -9,6 +9,9 @@ reasoning tasks the analogous structural count is the number of reasoning steps.
 - `strata_by_step_count(step_ids)`: number of reasoning steps per response (from `creditlab.signals.steps`);
   the recommended default for step-structured reasoning tasks.
 - `strata_by_length(response_mask, bins)`: length buckets, a coarse proxy when no structure is available.
+- `strata_by_tool_calls(scores, tool)`: the number of calls of one tool per *episode*, counted by the environment
+  (multi-turn rollouts return `EpisodeScore`s with their tool calls); the search task's strata are its
+  ``search`` calls, exactly the paper's. Filled by the agent component (`creditlab.train.agent`).
 
 Counts can be capped (`max_stratum`) so that rare large counts share one stratum instead of forming
 singleton strata (which get a SAN advantage of 0).
@@ -55,3 +58,19 @@ def strata_by_pattern_count(texts: Sequence[str], pattern: str = r"<search>", *,
     """Number of (non-overlapping) regex matches per text, e.g. tool calls: [B] long."""
     rx = re.compile(pattern)
     return _cap(torch.tensor([len(rx.findall(t)) for t in texts], dtype=torch.int64), max_stratum)
+
+
+def strata_by_tool_calls(scores: Sequence[object], tool: str | None = "search", *,
+                         max_stratum: int | None = None) -> Tensor:
+    """Calls of ``tool`` per episode from the environment's own count (``EpisodeScore.calls(tool)``): [B] long.
+
+    ``tool=None`` counts turns instead (for environments without tools, e.g. grid puzzles).
+    """
+    counts = []
+    for i, s in enumerate(scores):
+        calls = getattr(s, "calls", None)
+        if not callable(calls):
+            raise ValueError(f"strata_by_tool_calls needs episode scores with tool counts (row {i} has "
+                             f"{type(s).__name__}); they come from the multi-turn rollout")
+        counts.append(int(getattr(s, "turns", 0)) if tool is None else int(calls(tool)))
+    return _cap(torch.tensor(counts, dtype=torch.int64), max_stratum)

@@ -7,7 +7,9 @@
 
 Names: ``arith_chain`` (procedural, oracle step labels), the reasoning-gym families ``chain_sum``,
 ``basic_arithmetic``, ``countdown``, ``gsm_symbolic`` and any other reasoning-gym dataset as ``gym:<name>``, and
-``gsm8k`` (local GSM8K-format files, ``path=...``). Options are keyword arguments of the task's constructor.
+``gsm8k`` (local GSM8K-format files, ``path=...``), and the environments of `creditlab.envs` (``sokoban``,
+``frozenlake``, ``search``: multi-turn, rolled out by `creditlab.rollout.multiturn`). Options are keyword arguments
+of the task's constructor.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from creditlab.envs import list_envs
 from creditlab.tasks.arith_chain import ArithChain
 from creditlab.tasks.base import Problem, Score, Task
 from creditlab.tasks.gsm8k import GSM8K
@@ -26,7 +29,14 @@ _TASKS: dict[str, Callable[..., Task]] = {
     "arith_chain": ArithChain,
     "gsm8k": GSM8K,
     **{family: (lambda family=family, **options: GymTask(family, **options)) for family in FAMILIES},
+    **{env: (lambda env=env, **options: _env_task(env, **options)) for env in list_envs()},  # multi-turn
 }
+
+
+def _env_task(env: str, **options: Any) -> Task:
+    from creditlab.envs.task import EnvTask  # here: envs.task imports tasks.base, which imports this package
+
+    return EnvTask(env, **options)
 
 
 def list_tasks() -> list[str]:

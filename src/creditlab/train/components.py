@@ -53,8 +53,7 @@ class SingleTurn:
                 ) -> tuple[RolloutBatch, list[Any]]:
         from creditlab.rollout.hf import SamplingConfig, generate
 
-        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                  bf16=cfg.bf16)
+        sampling = SamplingConfig.from_rollout(cfg, policy.model)
         batch = generate(policy, [policy.format_prompt(p.prompt) for p in problems], cfg.group_size, sampling,
                          seed=seed)
         scores = [task.score(problems[g], text) for g, text in zip(batch.group_ids.tolist(), batch.texts)]
@@ -137,21 +136,34 @@ def scorer_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component |
         raise ValueError(f"--scorer {cfg.run.scorer} --scorer-kwargs {cfg.run.scorer_kwargs}: {one_line(e)}") from None
 
 
+def _agent_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.agent import agent_component
+
+    return agent_component(cfg, spec, policy, task)
+
+
+def mc_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.mc import build_mc_component  # Monte-Carlo values (spo_chain, vineppo); tree checks
+
+    return build_mc_component(cfg, spec, policy, task)
+
+
 def attention_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
-    from creditlab.train.attn_budget import attention_component as factory
+    from creditlab.train.attn_budget import attention_component as factory  # attn_waad/attn_fai (attn_*)
 
     return factory(cfg, spec, policy, task)
 
 
 def budget_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
-    from creditlab.train.attn_budget import budget_component as factory
+    from creditlab.train.attn_budget import budget_component as factory  # truncate-and-answer (brpo, vsrm)
 
     return factory(cfg, spec, policy, task)
 
 
-# A factory: (TrainConfig, EstimatorSpec, Policy, Task) -> Component | None. Order is the order of `produce`.
-FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [scorer_component, attention_component,
-                                                                     budget_component]
+# A factory: (TrainConfig, EstimatorSpec, Policy, Task) -> Component | None. Order is the order of `produce`
+# (the agent component first: it sets step_ids = turn_ids for a step scorer on agent rows).
+FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [_agent_component, scorer_component, mc_component,
+                                                                     attention_component, budget_component]
 
 
 def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Component]:
@@ -164,7 +176,19 @@ def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Compon
 
 
 def build_rollout(cfg: Any, task: Any) -> Rollout:
-    """The run's rollout strategy (single-turn sampling unless a family registers another)."""
+    """The run's rollout strategy: multi-turn episodes for environment tasks, a segment tree per prompt with
+    `--rollout tree` (creditlab.rollout.tree), HBPO's budget-prefixed prompts when the estimator needs
+    think_budget (creditlab.signals.budget), else single-turn sampling."""
+    from creditlab.train.agent import build_agent_rollout
     from creditlab.train.attn_budget import budget_rollout
 
+    agent = build_agent_rollout(cfg, task)
+    if agent is not None:
+        if cfg.mc.rollout == "tree":
+            raise ValueError("--rollout tree samples single-turn responses; environment tasks roll out episodes")
+        return agent
+    if cfg.mc.rollout == "tree":
+        from creditlab.rollout.tree import TreeRollout
+
+        return TreeRollout.from_config(cfg.mc)
     return budget_rollout(cfg, task) or SingleTurn()

@@ -118,6 +118,48 @@ class LogConfig:
 
 
 @dataclass
+class AgentConfig:
+    agent_max_turns: int = 6  # turn limit of a multi-turn episode (environment tasks; max_new_tokens caps each action)
+    agent_invalid_penalty: float = 0.1  # reward of an invalid action (verl-agent's coefficient 0.1); 0 disables it
+    agent_kv_reuse: bool = True  # append observations to the KV cache instead of re-prefilling every turn
+    agent_max_stratum: int = 4  # Stratified GRPO: tool-call counts above this share one stratum
+    agent_info_gain_chunk: int = 64  # IGPO: rows per forward pass of the answer-probability producer
+
+    def validate(self) -> None:
+        if self.agent_max_turns < 1:
+            raise ValueError(f"--agent-max-turns must be >= 1, got {self.agent_max_turns}")
+        if not self.agent_invalid_penalty >= 0:
+            raise ValueError(f"--agent-invalid-penalty must be >= 0, got {self.agent_invalid_penalty}")
+        if self.agent_max_stratum < 0:
+            raise ValueError(f"--agent-max-stratum must be >= 0, got {self.agent_max_stratum}")
+        if self.agent_info_gain_chunk < 1:
+            raise ValueError(f"--agent-info-gain-chunk must be >= 1, got {self.agent_info_gain_chunk}")
+
+
+@dataclass
+class MCConfig:
+    mc_samples: int = 9  # Monte-Carlo continuations per cut point (K) for spo_chain / vineppo (papers: 9 on GSM8K)
+    mc_unfinished_penalty: float | None = 0.0  # reward of a continuation cut by the length limit (None: score it)
+    mc_max_rows: int = 256  # continuation rows per batched forward (bounds memory; prefixes are never split)
+    rollout: Literal["independent", "tree"] = "independent"  # G independent samples per prompt, or a segment tree
+    tree_fanout: str = "2,2,2"  # children per node at each tree level; leaves per prompt = their product
+    tree_segment_len: int = 16  # tokens per segment on every tree level but the last (which runs free)
+
+    def validate(self) -> None:
+        if self.mc_samples < 1:
+            raise ValueError(f"--mc-samples must be >= 1, got {self.mc_samples}")
+        if self.mc_max_rows < 1:
+            raise ValueError(f"--mc-max-rows must be >= 1, got {self.mc_max_rows}")
+        if self.rollout not in ("independent", "tree"):
+            raise ValueError(f"--rollout must be 'independent' or 'tree', got {self.rollout!r}")
+        if self.tree_segment_len < 1:
+            raise ValueError(f"--tree-segment-len must be >= 1, got {self.tree_segment_len}")
+        from creditlab.rollout.tree import parse_fanout
+
+        parse_fanout(self.tree_fanout)
+
+
+@dataclass
 class AttnConfig:
     attn_window: int = 10  # WAAD clipping window W (paper: 10)
     attn_horizon_lo: int = 10  # FAI horizon lower bound H_lo (paper: 10)
@@ -185,6 +227,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    mc: MCConfig = field(default_factory=MCConfig)
     attn: AttnConfig = field(default_factory=AttnConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
 

@@ -225,8 +225,11 @@ def _run(asked: TrainConfig, ctx: dict[str, Any], run_dir: Path) -> dict[str, An
     precision = {"rollout_bf16": cfg.rollout.bf16, "update_bf16": cfg.optim.update_bf16}
     atomic_write_text(run_dir / "device.json", json.dumps(precision | device_info(ctx["device"]), indent=2))
     logger = Logger(run_dir, tensorboard=cfg.log.tensorboard, keep_until=state.step if cfg.run.resume else None)
+    custom = getattr(ctx["rollout"], "evaluate", None)  # multi-turn rollouts evaluate whole episodes
 
     def evaluate_now() -> dict[str, float]:  # held-out accuracy, and accuracy at each budget when budgets are set
+        if callable(custom):
+            return {"eval/accuracy": custom(policy, task, ctx["held_out"], cfg.rollout)}
         return {"eval/accuracy": evaluate(policy, task, ctx["held_out"], max_new_tokens=cfg.rollout.max_new_tokens),
                 **anytime_eval_metrics(cfg, policy, task, ctx["held_out"])}
 

@@ -5,8 +5,8 @@ Tests check every vectorized estimator against these; `creditlab speed` times bo
 
 from collections.abc import Callable
 
-from creditlab.credit.loops import agent, attention, budget, outcome, planning, process, tree
+from creditlab.credit.loops import agent, attention, budget, outcome, planning, process, segment, tree
 
 LOOPS: dict[str, Callable] = {}
-for _module in (outcome, tree, planning, agent, process, attention, budget):
+for _module in (outcome, tree, planning, agent, process, segment, attention, budget):
     LOOPS.update(_module.LOOPS)
