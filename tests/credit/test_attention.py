@@ -158,7 +158,9 @@ def with_holes(b, seed):
     """Masked-out tokens inside responses (multi-turn observation tokens): the valid tokens are not a prefix."""
     keep = torch.rand(b.response_mask.shape, generator=torch.Generator().manual_seed(seed)) > 0.25
     mask = b.response_mask & keep
-    return b.replace(response_mask=mask, step_ids=torch.where(mask, b.step_ids, -1)).validate()
+    minus_one = {f: torch.where(mask, getattr(b, f), -1) for f in ("step_ids", "turn_ids", "tree_node")
+                 if getattr(b, f) is not None}  # fields that hold -1 outside the mask
+    return b.replace(response_mask=mask, **minus_one).validate()
 
 
 @pytest.mark.parametrize("name,kw", CASES)

@@ -197,6 +197,8 @@ def test_matches_loop_reference_with_holes_in_the_mask(name, kw):
         b = ragged(seed)
         keep = torch.rand(b.response_mask.shape, generator=torch.Generator().manual_seed(seed)) > 0.25
         mask = b.response_mask & keep
-        b = b.replace(response_mask=mask, step_ids=torch.where(mask, b.step_ids, -1)).validate()
+        b = b.replace(response_mask=mask, **{f: torch.where(mask, getattr(b, f), -1) for f in
+                                             ("step_ids", "turn_ids", "tree_node") if getattr(b, f) is not None})
+        b = b.validate()
         torch.testing.assert_close(get_estimator(name)(b, **kw).advantages.double(), LOOPS[name](b, **kw),
                                    atol=1e-5, rtol=1e-5)

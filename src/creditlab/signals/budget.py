@@ -220,8 +220,7 @@ class BudgetPrefixRollout:
         if cfg.group_size % K:
             raise ValueError(f"hbpo splits each group into {K} budget subgroups: --group-size ({cfg.group_size}) "
                              f"must be a multiple of the number of budgets ({K})")
-        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                  bf16=cfg.bf16)
+        sampling = SamplingConfig.from_rollout(cfg, policy.model)  # --bf16 auto (None) decided for the model
         prompts = [policy.format_prompt(p.prompt) + self.prefix.format(budget=b) for p in problems
                    for b in self.budgets]
         batch = generate(policy, prompts, cfg.group_size // K, sampling, seed=seed)

@@ -42,6 +42,13 @@ def resolved_budgets(cfg: Any) -> list[int]:
     return []
 
 
+def _sampler_bf16(cfg: Any, policy: Any) -> bool:
+    """The sampler's precision: --bf16, with auto (None) decided for the model as the rollout decides it."""
+    from creditlab.rollout.hf import SamplingConfig
+
+    return bool(SamplingConfig.from_rollout(cfg.rollout, policy.model).bf16)
+
+
 # ------------------------------------------------------------------------------------------------ attention
 class AttentionComponent(Component):
     name = "attention"
@@ -54,7 +61,7 @@ class AttentionComponent(Component):
         self.signal_cfg = AttnSignalConfig(window=a.attn_window, h_lo=a.attn_horizon_lo, h_hi=a.attn_horizon_hi,
                                            head_frac=a.attn_head_frac, layers=a.layers(), sink=a.attn_sink,
                                            chunk=a.attn_chunk, rows_per_pass=a.attn_rows_per_pass,
-                                           bf16=bool(cfg.rollout.bf16))  # the sampler's precision
+                                           bf16=_sampler_bf16(cfg, policy))  # the sampler's precision
         self.signal_cfg.validate()
         self._metrics: dict[str, float] = {}
 
@@ -101,7 +108,8 @@ class BudgetComponent(Component):
         cuts = step_cuts(batch, ctx, mode=b.budget_step_split) if self.steps \
             else budget_cuts(batch, self.budgets, self.policy.stop_ids)
         out = truncate_and_answer(batch, cuts, ctx, answers=b.budget_answers, answer_tokens=b.budget_answer_tokens,
-                                  cue=self.cue, temperature=r.temperature, top_p=r.top_p, bf16=r.bf16)
+                                  cue=self.cue, temperature=r.temperature, top_p=r.top_p,
+                                  bf16=_sampler_bf16(self.cfg, self.policy))
         self._summ = self._summary_rows(batch, out) if self.summary_loss else None
         self._metrics = {"time/budget_signal": time.perf_counter() - t0,
                          "budget/cuts_per_row": float((out.cut_lens >= 0).sum()) / max(batch.B, 1),
