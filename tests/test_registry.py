@@ -3,6 +3,7 @@ import torch
 
 import creditlab
 from creditlab import Credit, RolloutBatch, estimator, get_estimator, list_estimators
+from creditlab.batch import FIELDS
 from creditlab.registry import _REGISTRY
 from creditlab.sample import random_batch
 
@@ -152,9 +153,6 @@ def test_zero_token_columns_return_an_empty_result_without_calling_the_math(scra
         raise AssertionError("the math must not run on T = 0")
 
     b = random_batch(seed=0)
-    empty = b.replace(response_ids=b.response_ids[:, :0], response_mask=b.response_mask[:, :0],
-                      **{f: getattr(b, f)[:, :0] for f in ("logprobs", "ref_logprobs", "entropies", "certainty",
-                                                           "token_logits", "values", "q_values", "token_rewards",
-                                                           "step_ids", "planning_mask", "prm_logprobs", "turn_ids",
-                                                           "tree_node")})
+    empty = b.replace(**{f: getattr(b, f)[:, :0] for f, spec in FIELDS.items()  # every [B,T] field the batch has
+                         if spec.shape == ("B", "T") and getattr(b, f) is not None})
     assert _boom(empty).advantages.shape == (b.B, 0)

@@ -5,6 +5,7 @@ Shape letters (used everywhere in creditlab):
     S  padded number of steps/segments      P  padded prompt length
     N  padded number of turns (multi-turn agent rows; independent of S so that steps inside turns can coexist)
     C  padded number of Monte-Carlo cut points (response prefixes whose value was estimated)
+    K  padded number of cut points (truncate-and-answer budgets or step boundaries)
 
 A `RolloutBatch` is what estimators read; a `Credit` is what they return. Optional fields are filled by
 the signal producers named in `FIELDS`; an estimator declares the ones it reads in `@estimator(needs=...)`
@@ -97,6 +98,18 @@ FIELDS: dict[str, FieldSpec] = {
                           "creditlab.signals.attention"),
     "attn_waad": FieldSpec(("B", "T"), "float", "windowed average attention distance per response token",
                            "creditlab.signals.attention"),
+    "punct_mask": FieldSpec(("B", "T"), "bool", "True on response tokens whose decoded text is only punctuation "
+                            "and/or whitespace (to log how much attention-selected credit lands on them)",
+                            "creditlab.signals.attention (punctuation_mask)"),
+    "cut_lens": FieldSpec(("B", "K"), "long", "truncate-and-answer cut points: number of response tokens kept "
+                          "before the answer cue at cut k (ascending; a value >= the response length means the "
+                          "whole response); -1 pads unused columns", "creditlab.signals.budget"),
+    "cut_scores": FieldSpec(("B", "K"), "float", "mean task score of the answers sampled after cut k (0 in "
+                            "padding columns)", "creditlab.signals.budget"),
+    "think_budget": FieldSpec(("B",), "long", "token budget stated in the response's prompt (HBPO budget-"
+                              "prefixed prompts)", "creditlab.signals.budget.BudgetPrefixRollout"),
+    "correct": FieldSpec(("B",), "bool", "the task verifier's verdict (Score.correct) for each response",
+                         "a task verifier (creditlab.tasks)"),
     "turn_ids": FieldSpec(("B", "T"), "long", "turn index of each token in multi-turn rows; -1 outside",
                           "a multi-turn environment"),
     "turn_rewards": FieldSpec(("B", "N"), "float", "environment reward of each turn of a multi-turn row, "
@@ -155,6 +168,11 @@ class RolloutBatch:
     prm_logprobs: Tensor | None = None
     attn_fai: Tensor | None = None
     attn_waad: Tensor | None = None
+    punct_mask: Tensor | None = None
+    cut_lens: Tensor | None = None
+    cut_scores: Tensor | None = None
+    think_budget: Tensor | None = None
+    correct: Tensor | None = None
     turn_ids: Tensor | None = None
     turn_rewards: Tensor | None = None
     anchor_states: Tensor | None = None
@@ -229,6 +247,12 @@ class RolloutBatch:
                              f"response_mask, got {bad}")
         if self.step_ids is not None:
             self._check_step_ids(mask)
+        if self.cut_lens is not None and bool((self.cut_lens < -1).any()):
+            raise ValueError("RolloutBatch.cut_lens must be >= -1 (-1 pads unused cut columns)")
+        if self.cut_lens is not None and self.cut_scores is not None \
+                and self.cut_lens.shape != self.cut_scores.shape:
+            raise ValueError(f"RolloutBatch.cut_scores shape {tuple(self.cut_scores.shape)} != cut_lens shape "
+                             f"{tuple(self.cut_lens.shape)}")
         if self.mc_cuts is not None:
             _check_cuts(self.mc_cuts, self.T)
         if self.turn_ids is not None:

@@ -59,13 +59,27 @@ def random_batch(n_groups: int = 4, max_group: int = 4, T: int = 12, *, vocab: i
     strata = torch.randint(0, 3, (B,), generator=g)
     planning_mask = mask & (torch.rand(B, T, generator=g) < 0.25)
     prm_logprobs = torch.where(mask, logprobs + 0.2 * torch.randn(B, T, generator=g), torch.zeros(B, T))
+    # attention / budget fields draw from their own generator so that the fields above stay what they were
+    ga = torch.Generator().manual_seed(seed * 7919 + 17)
+    attn_waad = torch.where(mask, torch.rand(B, T, generator=ga) * 5, torch.zeros(B, T))
+    attn_fai = torch.where(mask, torch.rand(B, T, generator=ga) * 0.2, torch.zeros(B, T))
+    punct_mask = mask & (torch.rand(B, T, generator=ga) < 0.2)
+    # cut points: ascending per row (ties allowed), some beyond the response, unused columns -1 at the end
+    K = max_steps
+    n_cuts = torch.randint(1, K + 1, (B,), generator=ga)
+    cut_lens = torch.randint(0, T + 3, (B, K), generator=ga).sort(dim=1).values
+    cut_lens = torch.where(torch.arange(K)[None, :] < n_cuts[:, None], cut_lens, -1)
+    cut_scores = torch.where(cut_lens >= 0, torch.rand(B, K, generator=ga), torch.zeros(B, K))
+    think_budget = torch.tensor([1, 2, 3])[torch.randint(0, 3, (B,), generator=ga)]  # small: any l_max >= 3 fits
+    correct = (rewards > 0) & (torch.rand(B, generator=ga) < 0.8)
     batch = RolloutBatch(
         response_ids=ids, response_mask=mask, group_ids=group_ids, rewards=rewards,
         logprobs=logprobs, ref_logprobs=ref_logprobs, entropies=entropies, certainty=certainty,
         token_logits=token_logits, values=values, token_rewards=token_rewards, step_ids=step_ids,
         step_rewards=step_rewards, step_labels=step_labels, mc_values=mc_values, mc_cuts=mc_cuts,
         tree_node=tree_node, strata=strata,
-        planning_mask=planning_mask, prm_logprobs=prm_logprobs,
+        planning_mask=planning_mask, prm_logprobs=prm_logprobs, attn_waad=attn_waad, attn_fai=attn_fai,
+        punct_mask=punct_mask, cut_lens=cut_lens, cut_scores=cut_scores, think_budget=think_budget, correct=correct,
         texts=[" ".join(str(int(t)) for t in ids[b, : int(lengths[b])]) for b in range(B)],
     )
     q_values = torch.where(mask, torch.rand(B, T, generator=torch.Generator().manual_seed(seed + 7_919)), 0.0)

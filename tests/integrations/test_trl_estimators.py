@@ -22,6 +22,7 @@ from trl import GRPOConfig, GRPOTrainer
 from creditlab.batch import FIELDS, RolloutBatch
 from creditlab.integrations.trl import FIELD_HOW, CreditGRPOTrainer, unsupported_fields
 from creditlab.registry import get_spec, list_estimators
+from creditlab.signals.attention import AttnSignalConfig, attention_producers
 from creditlab.signals.steps import Segmenter, pad_step_values
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -106,6 +107,20 @@ SOURCES = {  # how each estimator's extra fields are supplied from TRL
                       estimator_kwargs={"prob_mask": False}),
     "vineppo": dict(field_producers={"mc_cuts": toy_cuts, "mc_values": toy_values}),
     "spo_tree": dict(field_producers={"tree_node": toy_tree}, estimator_kwargs={"prob_mask": False}),
+    # attention credit: the policy's own attention (a real model's forward; here a fixed copy of the toy model)
+    **{n: (lambda tok, n=n: dict(field_producers={
+        f: fn for f, fn in attention_producers(w.model(tok), tok, AttnSignalConfig(h_lo=1, h_hi=5)).items()
+        if f in get_spec(n).needs})) for n in ("attn_local", "attn_global", "attn_coupled")},
+    # budget credit: cut points and the mean answer score after each (a toy scorer here; creditlab.signals.budget
+    # computes them by truncate-and-answer); HBPO's budget per row from a row function, correctness from the reward
+    "brpo": dict(field_producers={"cut_lens": lambda b: torch.tensor([[2, 4, 8]] * b.B),
+                                  "cut_scores": lambda b: b.rewards.float()[:, None] * torch.tensor([0.25, 0.5, 1.0])}),
+    "vsrm": dict(field_producers={"cut_lens": lambda b: torch.tensor([[0, 2, 4]] * b.B),
+                                  "cut_scores": lambda b: b.rewards.float()[:, None] * torch.tensor([0.0, 0.5, 1.0])}),
+    "hbpo": dict(row_fields={"think_budget": lambda completion_ids, **kw: [4 + 4 * (i % 2)
+                                                                         for i in range(len(completion_ids))]},
+                 field_producers={"correct": lambda b: b.rewards >= b.rewards.median()},
+                 estimator_kwargs={"l_max": 16}),
 }
 ESTIMATORS = [n for n in list_estimators() if not n.startswith("_")]
 
@@ -173,7 +188,8 @@ def outputs(trainer) -> list:
 @pytest.mark.parametrize("name", ESTIMATORS)
 def test_every_estimator_runs_from_trl(tmp_path, tok, data, name):
     spec = get_spec(name)
-    trainer = trainer_for(tmp_path, tok, data, estimator=name, **SOURCES.get(name, {}))
+    source = SOURCES.get(name, {})
+    trainer = trainer_for(tmp_path, tok, data, estimator=name, **(source(tok) if callable(source) else source))
     out = outputs(trainer)
     trainer.train()
     (batch, advantages), = trainer.calls

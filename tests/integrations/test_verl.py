@@ -25,8 +25,8 @@ from creditlab.registry import get_spec, list_estimators  # noqa: E402
 # Fields a test can synthesize for any estimator: [B,T] floats/bools, [B] longs, and step fields ([B,T] step ids
 # with [B,S] per-step values, S != T).
 SYNTH = {"entropies", "certainty", "token_logits", "values", "planning_mask", "strata", "logprobs",
-         "ref_logprobs", "token_rewards", "prm_logprobs", "attn_fai", "attn_waad", "step_ids", "step_rewards",
-         "step_labels", "mc_values"}
+         "ref_logprobs", "token_rewards", "prm_logprobs", "attn_fai", "attn_waad", "punct_mask", "step_ids",
+         "step_rewards", "step_labels", "mc_values"}
 STEP_FIELDS = {"step_ids", "step_rewards", "step_labels", "mc_values"}
 
 

@@ -44,6 +44,15 @@ COMPONENTS = {
     "critic": ["--estimator", "gae", "--critic", "head"],
     "critic/model": ["--estimator", "poad", "--critic", "model:tiny", "--critic-kl-in-reward", "0.05"],
     "critic/archer": ["--estimator", "archer", "--critic", "model:tiny"],
+    # attention signals: one extra forward with the current policy (stateless)
+    "attention": ["--estimator", "attn_coupled", "--attn-horizon-lo", "1", "--attn-horizon-hi", "8"],
+    # truncate-and-answer at budgets, seeded by the step; BRPO's summary tokens join the update (2 minibatches:
+    # their old log-probs come from a no-grad forward)
+    "budget": ["--estimator", "brpo", "--budgets", "4,8,16", "--budget-answers", "2", "--budget-answer-tokens", "3",
+               "--minibatches", "2"],
+    # ... and at step boundaries (VSRM)
+    "budget/vsrm": ["--estimator", "vsrm", "--budget-step-split", "newline", "--budget-answers", "2",
+                    "--budget-answer-tokens", "3"],
 }
 
 

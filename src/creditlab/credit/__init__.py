@@ -3,4 +3,6 @@
 One module per family (see design/ARCHITECTURE.md).
 """
 
-from creditlab.credit import agent, macro, outcome, planning, process, segment, tree  # noqa: F401  (registration)
+from creditlab.credit import (  # noqa: F401  (registration)
+    agent, attention, budget, macro, outcome, planning, process, segment, tree,
+)

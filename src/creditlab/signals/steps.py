@@ -9,6 +9,11 @@
 - ``"newline"``: every non-blank line is a step (separator ``\\n``);
 - ``"double_newline"``: paragraphs separated by a blank line (separator ``\\n[ \\t\\r]*\\n``; PRM800K/Qwen-PRM style);
 - ``"regex"``: the separator is the regular expression ``pattern`` (``re.split`` semantics);
+- ``"markers"``: VSRM's marker-word rule (arXiv 2508.10293): a new step starts at each sentence that contains a
+  marker word (``pattern``: a regex alternation of words, default ``MARKER_WORDS`` = However|Therefore|So|But|Wait,
+  whole words, case-sensitive); a marker in mid-sentence moves the split to the start of its sentence (after
+  ``.``/``!``/``?`` and whitespace, or a newline). The paper's other readability rules (skipping the opening
+  restatement, a minimum distance between split points) are not reproduced;
 - ``"task"``: the task's own step format, i.e. the verifier's ``Score.step_spans`` (e.g. the ``a op b = c``
   lines of ``arith_chain``); text outside those spans (the ``Answer:`` line) belongs to no step.
 
@@ -42,8 +47,10 @@ from torch import Tensor
 
 from creditlab.batch import RolloutBatch
 
-SplitMode = Literal["newline", "double_newline", "regex", "task"]
-SPLIT_MODES: tuple[str, ...] = ("newline", "double_newline", "regex", "task")
+SplitMode = Literal["newline", "double_newline", "regex", "markers", "task"]
+SPLIT_MODES: tuple[str, ...] = ("newline", "double_newline", "regex", "markers", "task")
+MARKER_WORDS = "However|Therefore|So|But|Wait"  # VSRM's step-opening words (methods.md §12.2)
+_SENTENCE_END = re.compile(r"(?:[.!?][ \t]+|\n[ \t]*)")
 SEPARATORS: dict[str, str] = {"newline": r"\n", "double_newline": r"\n[ \t\r]*\n"}
 
 Span = tuple[int, int]
@@ -55,6 +62,8 @@ def split_steps(text: str, mode: str = "newline", *, pattern: str | None = None)
     ``mode`` is "newline", "double_newline" or "regex" (then ``pattern`` is the separator regex). The "task"
     mode has no text rule: its spans come from the task's verifier (see `Segmenter`).
     """
+    if mode == "markers":
+        return _spans_between(text, marker_split_points(text, pattern or MARKER_WORDS))
     if mode == "regex":
         if not pattern:
             raise ValueError("split mode 'regex' needs a separator pattern, e.g. pattern=r';\\s*'")
@@ -62,7 +71,8 @@ def split_steps(text: str, mode: str = "newline", *, pattern: str | None = None)
     elif mode in SEPARATORS:
         sep = SEPARATORS[mode]
     else:
-        raise ValueError(f"unknown split mode {mode!r} for split_steps; valid: {list(SEPARATORS)} + ['regex']")
+        raise ValueError(f"unknown split mode {mode!r} for split_steps; valid: {list(SEPARATORS)} + ['regex', "
+                         "'markers']")
     spans: list[Span] = []
     start = 0
     for m in [*re.finditer(sep, text), None]:
@@ -76,6 +86,29 @@ def split_steps(text: str, mode: str = "newline", *, pattern: str | None = None)
             spans.append((start + lead, start + lead + len(body)))
         if m is not None:
             start = m.end()
+    return spans
+
+
+def marker_split_points(text: str, words: str = MARKER_WORDS) -> list[int]:
+    """Character positions where a new step starts under the "markers" rule (sorted, > 0)."""
+    points: set[int] = set()
+    for m in re.finditer(rf"\b(?:{words})\b", text):
+        ends = [e.end() for e in _SENTENCE_END.finditer(text, 0, m.start())]
+        start = ends[-1] if ends else 0  # start of the sentence holding the marker
+        if start > 0:
+            points.add(start)
+    return sorted(points)
+
+
+def _spans_between(text: str, points: Sequence[int]) -> list[Span]:
+    """Whitespace-trimmed non-empty spans between consecutive split points (0 and len(text) implied)."""
+    spans: list[Span] = []
+    for start, end in zip([0, *points], [*points, len(text)]):
+        piece = text[start:end]
+        body = piece.strip()
+        if body:
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((start + lead, start + lead + len(body)))
     return spans
 
 
@@ -176,6 +209,8 @@ class Segmenter:
         if self.mode == "regex":
             split_steps("", "regex", pattern=self.pattern)  # fail at construction on a missing pattern
             re.compile(self.pattern or "")
+        if self.mode == "markers" and self.pattern:
+            re.compile(self.pattern)
 
     def spans(self, text: str, score: Any = None) -> list[Span]:
         """Step spans of one response; "task" reads ``score.step_spans`` (the task verifier's steps)."""

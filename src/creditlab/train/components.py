@@ -154,6 +154,18 @@ def mc_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | Non
     return build_mc_component(cfg, spec, policy, task)
 
 
+def attention_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.attn_budget import attention_component as factory  # attn_waad/attn_fai (attn_*)
+
+    return factory(cfg, spec, policy, task)
+
+
+def budget_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    from creditlab.train.attn_budget import budget_component as factory  # truncate-and-answer (brpo, vsrm)
+
+    return factory(cfg, spec, policy, task)
+
+
 def critic_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
     from creditlab.train.critic import critic_component as build  # values / q_values (gae, ma_rlhf, poad, archer)
 
@@ -163,6 +175,7 @@ def critic_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component |
 # A factory: (TrainConfig, EstimatorSpec, Policy, Task) -> Component | None. Order is the order of `produce`
 # (the agent component first: it sets step_ids = turn_ids for a step scorer on agent rows).
 FACTORIES: list[Callable[[Any, Any, Any, Any], Component | None]] = [_agent_component, scorer_component, mc_component,
+                                                                     attention_component, budget_component,
                                                                      critic_component]
 
 
@@ -177,8 +190,10 @@ def build_components(cfg: Any, spec: Any, policy: Any, task: Any) -> list[Compon
 
 def build_rollout(cfg: Any, task: Any) -> Rollout:
     """The run's rollout strategy: multi-turn episodes for environment tasks, a segment tree per prompt with
-    `--rollout tree` (creditlab.rollout.tree), else single-turn sampling."""
+    `--rollout tree` (creditlab.rollout.tree), HBPO's budget-prefixed prompts when the estimator needs
+    think_budget (creditlab.signals.budget), else single-turn sampling."""
     from creditlab.train.agent import build_agent_rollout
+    from creditlab.train.attn_budget import budget_rollout
 
     agent = build_agent_rollout(cfg, task)
     if agent is not None:
@@ -189,4 +204,4 @@ def build_rollout(cfg: Any, task: Any) -> Rollout:
         from creditlab.rollout.tree import TreeRollout
 
         return TreeRollout.from_config(cfg.mc)
-    return SingleTurn()
+    return budget_rollout(cfg, task) or SingleTurn()

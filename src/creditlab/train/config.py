@@ -192,6 +192,67 @@ class CriticConfig:
 
 
 @dataclass
+class AttnConfig:
+    attn_window: int = 10  # WAAD clipping window W (paper: 10)
+    attn_horizon_lo: int = 10  # FAI horizon lower bound H_lo (paper: 10)
+    attn_horizon_hi: int = 100  # FAI horizon upper bound H_hi (paper ICML text: 100; arXiv v1: 50)
+    attn_head_frac: float = 0.3  # share of heads in the local and in the global set (paper example: 0.3)
+    attn_layers: str = ""  # comma-separated layer indices ("" = five evenly spaced in [L/3, 2L/3], the paper's)
+    attn_sink: int = 1  # leading positions dropped from the keys as attention sinks (0 = paper's raw maps)
+    attn_chunk: int = 128  # response rows per attention-probability chunk (memory knob)
+    attn_rows_per_pass: int = 8  # sequences per attention forward (memory knob)
+
+    def layers(self) -> tuple[int, ...] | None:
+        try:
+            values = tuple(int(x) for x in self.attn_layers.replace(" ", "").split(",") if x)
+        except ValueError:
+            raise ValueError(f"--attn-layers must be comma-separated layer indices, got {self.attn_layers!r}") from None
+        return values or None
+
+    def validate(self) -> None:
+        if self.attn_window < 1:
+            raise ValueError(f"--attn-window must be >= 1, got {self.attn_window}")
+        if not 0 <= self.attn_horizon_lo <= self.attn_horizon_hi:
+            raise ValueError(f"--attn-horizon-lo/-hi need 0 <= lo <= hi, got {self.attn_horizon_lo}, "
+                             f"{self.attn_horizon_hi}")
+        if not 0.0 < self.attn_head_frac <= 0.5:
+            raise ValueError(f"--attn-head-frac must be in (0, 0.5], got {self.attn_head_frac}")
+        if self.attn_sink < 0 or self.attn_chunk < 1 or self.attn_rows_per_pass < 1:
+            raise ValueError("--attn-sink must be >= 0, --attn-chunk and --attn-rows-per-pass >= 1")
+        if any(i < 0 for i in self.layers() or ()):
+            raise ValueError(f"--attn-layers must be non-negative, got {self.attn_layers!r}")
+
+
+@dataclass
+class BudgetConfig:
+    budgets: str = ""  # token budgets, e.g. "64,128,256": anytime eval at each; brpo/hbpo budgets ("" = 4 splits)
+    budget_answers: int = 4  # answers sampled after each cut (BRPO's A: 4)
+    budget_answer_tokens: int = 16  # length limit of each sampled answer
+    budget_cue: str = ""  # text appended after a cut ("" = the task's answer cue)
+    budget_cuts: Literal["auto", "budgets", "steps"] = "auto"  # where to cut (auto: steps for vsrm, else budgets)
+    budget_step_split: str = "markers"  # step rule for step cuts: markers (VSRM), newline, double_newline, task
+    budget_summary_loss: bool = True  # brpo: also train the sampled answer tokens (the reference does)
+    budget_prefix: str = "I will answer the question with {budget} tokens.\n"  # hbpo prompt suffix per budget
+    budget_eval: bool = True  # log eval/acc@<budget> and eval/anytime_auc when budgets are known
+
+    def budget_list(self) -> list[int]:
+        from creditlab.signals.budget import parse_budgets
+
+        return parse_budgets(self.budgets)
+
+    def validate(self) -> None:
+        self.budget_list()
+        if self.budget_answers < 1 or self.budget_answer_tokens < 1:
+            raise ValueError(f"--budget-answers and --budget-answer-tokens must be >= 1, got {self.budget_answers}, "
+                             f"{self.budget_answer_tokens}")
+        if self.budget_step_split not in ("markers", "newline", "double_newline", "task"):
+            raise ValueError(f"--budget-step-split must be markers, newline, double_newline or task, got "
+                             f"{self.budget_step_split!r}")
+        if "{budget}" not in self.budget_prefix:
+            raise ValueError(f"--budget-prefix must contain '{{budget}}', got {self.budget_prefix!r}")
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -201,6 +262,8 @@ class TrainConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
     mc: MCConfig = field(default_factory=MCConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    attn: AttnConfig = field(default_factory=AttnConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

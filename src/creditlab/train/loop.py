@@ -27,6 +27,7 @@ from creditlab.registry import get_estimator, get_spec
 from creditlab.rollout.hf import SamplingConfig, generate, sequence_logprobs
 from creditlab.signals.produce import SignalContext, produce_signals
 from creditlab.tasks import Problem, Task, get_task
+from creditlab.train.attn_budget import anytime_eval_metrics
 from creditlab.train.checkpoint import TrainState, atomic_write_text, load_checkpoint, save_checkpoint
 from creditlab.train.checks import one_line
 from creditlab.train.components import Component, build_components, build_rollout
@@ -233,10 +234,15 @@ def _run(asked: TrainConfig, ctx: dict[str, Any], run_dir: Path) -> dict[str, An
     atomic_write_text(run_dir / "device.json", json.dumps(precision | device_info(ctx["device"]), indent=2))
     logger = Logger(run_dir, tensorboard=cfg.log.tensorboard, keep_until=state.step if cfg.run.resume else None)
     custom = getattr(ctx["rollout"], "evaluate", None)  # multi-turn rollouts evaluate whole episodes
-    evaluate_now = (lambda: custom(policy, task, ctx["held_out"], cfg.rollout)) if callable(custom) else \
-        (lambda: evaluate(policy, task, ctx["held_out"], max_new_tokens=cfg.rollout.max_new_tokens))
+
+    def evaluate_now() -> dict[str, float]:  # held-out accuracy, and accuracy at each budget when budgets are set
+        if callable(custom):
+            return {"eval/accuracy": custom(policy, task, ctx["held_out"], cfg.rollout)}
+        return {"eval/accuracy": evaluate(policy, task, ctx["held_out"], max_new_tokens=cfg.rollout.max_new_tokens),
+                **anytime_eval_metrics(cfg, policy, task, ctx["held_out"])}
+
     if state.step == 0:
-        logger.log(0, {"eval/accuracy": evaluate_now(), "samples": 0} if cfg.eval.eval_problems else {"samples": 0})
+        logger.log(0, {**evaluate_now(), "samples": 0} if cfg.eval.eval_problems else {"samples": 0})
     initial = next((r.get("eval/accuracy") for r in logger.rows if r["step"] == 0), None)
     bar = _progress(cfg, state.step, logger.last("eval/accuracy"))
     while state.step < cfg.run.steps:
@@ -244,7 +250,7 @@ def _run(asked: TrainConfig, ctx: dict[str, Any], run_dir: Path) -> dict[str, An
         state.step += 1
         state.samples = int(metrics["samples"])
         if cfg.eval.eval_problems and (state.step % cfg.eval.eval_every == 0 or state.step == cfg.run.steps):
-            metrics["eval/accuracy"] = evaluate_now()
+            metrics.update(evaluate_now())
         logger.log(state.step, metrics)
         if cfg.log.sample_every and (state.step % cfg.log.sample_every == 0 or state.step == 1):
             dump_samples(run_dir / "samples" / f"step_{state.step:06d}.json", policy, batch, credit.advantages)

@@ -134,3 +134,24 @@ def bar_chart(values: Mapping[str, Sequence[float]] | Mapping[str, Mapping[str, 
     ax.set_title(title + (f"  (error bars: {spread})" if title else ""))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out)
+
+
+def anytime_curve(metrics_row: Mapping[str, float]) -> tuple[list[int], list[float]]:
+    """(budgets, accuracies) from one logged eval row's `eval/acc@<budget>` entries, budgets ascending."""
+    pairs = sorted((int(k.split("@", 1)[1]), float(v)) for k, v in metrics_row.items()
+                   if k.startswith("eval/acc@") and k.split("@", 1)[1].isdigit())
+    return [b for b, _ in pairs], [a for _, a in pairs]
+
+
+def plot_anytime(curves: Mapping[str, Sequence[Mapping[str, float]]], out: str | Path, *, title: str = "",
+                 spread: Spread = "std") -> Path:
+    """Anytime accuracy (accuracy when thinking is cut at each budget) vs budget, mean over seeds with a band.
+
+    curves: method label -> one eval row per seed (a metrics.jsonl row holding `eval/acc@<budget>` keys).
+    """
+    runs = {label: [anytime_curve(row) for row in rows] for label, rows in curves.items()}
+    empty = [label for label, rs in runs.items() if any(not b for b, _ in rs)]
+    if empty:
+        raise ValueError(f"plot_anytime: no eval/acc@<budget> entries for {empty} (train with --budgets)")
+    return plot_curves(runs, out, title=title, xlabel="thinking budget (tokens)", ylabel="accuracy at budget",
+                       spread=spread, ylim=(0.0, 1.0))

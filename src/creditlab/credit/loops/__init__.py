@@ -5,8 +5,8 @@ Tests check every vectorized estimator against these; `creditlab speed` times bo
 
 from collections.abc import Callable
 
-from creditlab.credit.loops import agent, macro, outcome, planning, process, segment, tree
+from creditlab.credit.loops import agent, attention, budget, macro, outcome, planning, process, segment, tree
 
 LOOPS: dict[str, Callable] = {}
-for _module in (outcome, tree, planning, agent, process, segment, macro):
+for _module in (outcome, tree, planning, agent, process, segment, macro, attention, budget):
     LOOPS.update(_module.LOOPS)

@@ -1,0 +1,209 @@
+"""Trainer plug-ins for attention credit (attn_*) and budget credit (brpo, hbpo, vsrm).
+
+- `AttentionComponent`: before the estimator, one extra no-grad forward fills attn_waad, attn_fai and punct_mask
+  (`creditlab.signals.attention`) with the current policy, i.e. the policy that sampled the batch (the paper's
+  actor_attn synced after every update).
+- `BudgetComponent`: before the estimator, truncate-and-answer fills cut_lens / cut_scores (BRPO: budget cuts;
+  VSRM: step cuts); for brpo with `--budget-summary-loss` it also trains the sampled answer ("summary") tokens with
+  BRPO's summary advantages, as an extra PPO term in the policy's backward (`loss` hook).
+- `budget_rollout`: HBPO's budget-prefixed sampling when the estimator needs think_budget.
+- `anytime_eval_metrics`: eval/acc@<budget>, eval/anytime_auc, eval/length whenever budgets are known.
+None of these keeps state across steps: their checkpoint state is empty and a resume repeats a run exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from creditlab.batch import Credit, RolloutBatch
+from creditlab.signals.produce import SignalContext
+from creditlab.train.components import Component
+
+ATTN_FIELDS = ("attn_waad", "attn_fai", "punct_mask")
+CUT_FIELDS = ("cut_lens", "cut_scores")
+STEP_CUT_ESTIMATORS = ("vsrm",)  # estimators whose cuts sit at step boundaries; others cut at budgets
+
+
+def resolved_budgets(cfg: Any) -> list[int]:
+    """--budgets, or (for an estimator that needs budgets) four equal splits of --max-new-tokens."""
+    from creditlab.registry import get_spec
+    from creditlab.signals.budget import even_budgets
+
+    given = cfg.budget.budget_list()
+    if given:
+        return given
+    needs = get_spec(cfg.run.estimator).needs
+    if "think_budget" in needs or ("cut_lens" in needs and cfg.run.estimator not in STEP_CUT_ESTIMATORS):
+        return even_budgets(cfg.rollout.max_new_tokens)
+    return []
+
+
+def _sampler_bf16(cfg: Any, policy: Any) -> bool:
+    """The sampler's precision: --bf16, with auto (None) decided for the model as the rollout decides it."""
+    from creditlab.rollout.hf import SamplingConfig
+
+    return bool(SamplingConfig.from_rollout(cfg.rollout, policy.model).bf16)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+class AttentionComponent(Component):
+    name = "attention"
+
+    def __init__(self, cfg: Any, policy: Any) -> None:
+        from creditlab.signals.attention import AttnSignalConfig
+
+        a = cfg.attn
+        self.policy = policy
+        self.signal_cfg = AttnSignalConfig(window=a.attn_window, h_lo=a.attn_horizon_lo, h_hi=a.attn_horizon_hi,
+                                           head_frac=a.attn_head_frac, layers=a.layers(), sink=a.attn_sink,
+                                           chunk=a.attn_chunk, rows_per_pass=a.attn_rows_per_pass,
+                                           bf16=_sampler_bf16(cfg, policy))  # the sampler's precision
+        self.signal_cfg.validate()
+        self._metrics: dict[str, float] = {}
+
+    def produce(self, batch: RolloutBatch, ctx: SignalContext) -> RolloutBatch:
+        from creditlab.signals.attention import produce_attention_fields
+
+        batch, self._metrics = produce_attention_fields(batch, self.policy, self.signal_cfg)
+        return batch
+
+    def metrics(self) -> dict[str, float]:
+        out, self._metrics = self._metrics, {}
+        return out
+
+
+def attention_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    return AttentionComponent(cfg, policy) if set(spec.needs) & set(ATTN_FIELDS) else None
+
+
+# ------------------------------------------------------------------------------------------------ budget
+class BudgetComponent(Component):
+    name = "budget"
+
+    def __init__(self, cfg: Any, estimator: str, policy: Any, task: Any) -> None:
+        from creditlab.signals.budget import answer_cue
+
+        self.cfg, self.policy, self.task = cfg, policy, task
+        scheme = cfg.budget.budget_cuts
+        self.steps = scheme == "steps" or (scheme == "auto" and estimator in STEP_CUT_ESTIMATORS)
+        self.budgets = resolved_budgets(cfg)
+        if not self.steps and not self.budgets:
+            raise ValueError("budget cuts need --budgets (e.g. 64,128,256)")
+        self.cue = answer_cue(task, cfg.budget.budget_cue)
+        self.summary_loss = cfg.budget.budget_summary_loss and estimator == "brpo" and not self.steps
+        self._summ: dict[str, Tensor] | None = None
+        self._metrics: dict[str, float] = {}
+
+    def produce(self, batch: RolloutBatch, ctx: SignalContext) -> RolloutBatch:
+        from creditlab.signals.budget import budget_cuts, step_cuts, truncate_and_answer
+
+        if batch.cut_lens is not None and batch.cut_scores is not None:
+            return batch
+        t0 = time.perf_counter()
+        b, r = self.cfg.budget, self.cfg.rollout
+        cuts = step_cuts(batch, ctx, mode=b.budget_step_split) if self.steps \
+            else budget_cuts(batch, self.budgets, self.policy.stop_ids)
+        out = truncate_and_answer(batch, cuts, ctx, answers=b.budget_answers, answer_tokens=b.budget_answer_tokens,
+                                  cue=self.cue, temperature=r.temperature, top_p=r.top_p,
+                                  bf16=_sampler_bf16(self.cfg, self.policy))
+        self._summ = self._summary_rows(batch, out) if self.summary_loss else None
+        self._metrics = {"time/budget_signal": time.perf_counter() - t0,
+                         "budget/cuts_per_row": float((out.cut_lens >= 0).sum()) / max(batch.B, 1),
+                         "budget/prefixes_sampled": float(len(out.prefixes))}
+        return batch.replace(cut_lens=out.cut_lens, cut_scores=out.cut_scores)
+
+    def _summary_rows(self, batch: RolloutBatch, out: Any) -> dict[str, Tensor] | None:
+        """Every sampled answer as a training row: prompt = prompt + response[:c] + cue, response = the answer,
+        advantage = BRPO's summary advantage (credit.budget.summary_advantages)."""
+        from creditlab.credit.budget import summary_advantages
+        from creditlab.rollout.hf import _left_pad
+
+        A = self.cfg.budget.budget_answers
+        rows = [(i, ans, sc) for i in range(len(out.prefixes)) for ans, sc in zip(out.answers[i], out.scores[i])
+                if ans]
+        if not rows:
+            return None
+        device = batch.response_ids.device
+        prefix_idx = torch.tensor([i for i, _, _ in rows], dtype=torch.long)
+        owner_row = torch.tensor([out.owner[i][0] for i, _, _ in rows], dtype=torch.long)
+        owner_k = torch.tensor([out.owner[i][1] for i, _, _ in rows], dtype=torch.long)
+        gb = batch.group_ids.cpu()[owner_row] * (owner_k.max() + 1) + owner_k  # (group, budget) key
+        adv = summary_advantages(torch.tensor([sc for _, _, sc in rows], dtype=torch.float32), prefix_idx, gb, A)
+        p_ids, p_mask = _left_pad([out.prefixes[i] for i, _, _ in rows], self.policy.tokenizer.pad_token_id, device)
+        width = max(len(a) for _, a, _ in rows)
+        a_ids = torch.full((len(rows), width), self.policy.tokenizer.pad_token_id, dtype=torch.long)
+        a_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for j, (_, a, _) in enumerate(rows):
+            a_ids[j, : len(a)] = torch.tensor(a, dtype=torch.long)
+            a_mask[j, : len(a)] = True
+        out_rows = {"row": owner_row.to(device), "prompt_ids": p_ids, "prompt_mask": p_mask,
+                    "ids": a_ids.to(device), "mask": a_mask.to(device), "adv": adv.float().to(device)}
+        if self.cfg.optim.ppo_epochs > 1 or self.cfg.optim.minibatches > 1:  # PPO's old log-probs, as the main rows
+            from creditlab.rollout.hf import sequence_logprobs
+
+            with torch.no_grad():
+                out_rows["old"], _ = sequence_logprobs(self.policy.model, p_ids, p_mask, out_rows["ids"],
+                                                       out_rows["mask"], temperature=self.cfg.rollout.temperature)
+        return out_rows
+
+    def loss(self, batch: RolloutBatch, idx: Tensor, outputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """PPO-clip on the summary tokens of the minibatch's rows, weighted by their share of the minibatch's tokens
+        (so main + summary terms equal one token-mean over both up to the main term's normaliser)."""
+        from creditlab.rollout.hf import sequence_logprobs
+        from creditlab.train.losses import ppo_clip_loss
+
+        s = self._summ
+        if s is None:
+            return torch.zeros(()), {}
+        pick = torch.isin(s["row"], idx.to(s["row"].device)).nonzero().squeeze(1)
+        if pick.numel() == 0:
+            return torch.zeros(()), {}
+        o = self.cfg.optim
+        mask = s["mask"][pick]
+        logp, _ = sequence_logprobs(self.policy.model, s["prompt_ids"][pick], s["prompt_mask"][pick], s["ids"][pick],
+                                    mask, temperature=self.cfg.rollout.temperature)
+        adv = torch.where(mask, s["adv"][pick][:, None].expand_as(logp), torch.zeros_like(logp))
+        old = s["old"][pick] if "old" in s else logp.detach()  # one epoch, one minibatch: the current policy
+        loss, _ = ppo_clip_loss(logp, old, adv, mask, clip_low=o.clip_low, clip_high=o.clip_high,
+                                dual_clip=o.dual_clip, agg="token-mean")
+        weight = float(mask.sum()) / max(float(batch.response_mask[idx].sum()), 1.0)
+        return weight * loss, {"loss/summary": float(loss.detach()), "budget/summary_tokens": float(mask.sum())}
+
+    def update(self, batch: RolloutBatch, ctx: SignalContext, credit: Credit) -> dict[str, float]:
+        self._summ = None  # the summary rows belong to this step only
+        return {}
+
+    def metrics(self) -> dict[str, float]:
+        out, self._metrics = self._metrics, {}
+        return out
+
+
+def budget_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
+    if not set(spec.needs) & set(CUT_FIELDS):
+        return None
+    return BudgetComponent(cfg, spec.name, policy, task)
+
+
+def budget_rollout(cfg: Any, task: Any) -> Any | None:
+    """HBPO's budget-prefixed rollout when the estimator needs think_budget (else None: the default rollout)."""
+    from creditlab.registry import get_spec
+    from creditlab.signals.budget import BudgetPrefixRollout
+
+    if "think_budget" not in get_spec(cfg.run.estimator).needs:
+        return None
+    return BudgetPrefixRollout(resolved_budgets(cfg), cfg.budget.budget_prefix)
+
+
+def anytime_eval_metrics(cfg: Any, policy: Any, task: Any, problems: list[Any]) -> dict[str, float]:
+    """Anytime accuracy at each budget (signals.budget.anytime_accuracy) when budgets are known and --budget-eval."""
+    from creditlab.signals.budget import answer_cue, anytime_accuracy
+
+    budgets = resolved_budgets(cfg)
+    if not cfg.budget.budget_eval or not budgets:
+        return {}
+    return anytime_accuracy(policy, task, problems, budgets, max_new_tokens=cfg.rollout.max_new_tokens,
+                            answer_tokens=cfg.budget.budget_answer_tokens, cue=answer_cue(task, cfg.budget.budget_cue))
