@@ -4,5 +4,13 @@ One module per family (see design/ARCHITECTURE.md).
 """
 
 from creditlab.credit import (  # noqa: F401  (registration)
-    agent, attention, budget, macro, outcome, planning, process, segment, tree,
+    agent,
+    attention,
+    budget,
+    macro,
+    outcome,
+    planning,
+    process,
+    segment,
+    tree,
 )
