@@ -110,7 +110,9 @@ def test_micro_run_writes_a_row_per_registered_estimator(micro_quality):
     rows = {r["estimator"]: r for r in summary["rows"]}
     assert set(rows) == set(list_estimators())
     skipped = {n for n, r in rows.items() if r["note"].startswith("skipped")}
-    assert skipped == {n for n in rows if "tree_node" in get_spec(n).needs}  # all but tree rollouts are produced
+    # all is produced but segment-tree rollouts and HBPO's budget-prefixed prompts
+    assert skipped == {n for n in rows if {"tree_node", "think_budget"} & set(get_spec(n).needs)}
+    assert "budget-prefixed" in rows["hbpo"]["note"] and "--rollout tree" in rows["spo_tree"]["note"]
     assert json.loads((out / "quality.json").read_text())["stats"]["responses"] == 16
     if summary["stats"]["used"]:  # an untrained policy rarely writes a right step before a wrong one
         assert rows["grpo"]["within"] == 0.5

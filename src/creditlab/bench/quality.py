@@ -8,8 +8,9 @@ Two ground truths (``--reference``):
   with the most negative A_k (`creditlab.bench.mc_reference`, where the definitions are).
 
 Monte-Carlo estimators (spo_chain, vineppo) get their own values, sampled at their own cut points with
-``--estimator-mc-samples`` continuations (independent of the reference's); estimators that need a segment-tree
-rollout (spo_tree) are listed as skipped: the benchmark's responses are independent samples.
+``--estimator-mc-samples`` continuations (independent of the reference's); budget estimators (brpo, vsrm) get their
+own truncate-and-answer cuts (`budget_estimator_batches`). Estimators that need a segment-tree rollout (spo_tree)
+or budget-prefixed prompts (hbpo) are listed as skipped: the benchmark's responses are independent samples.
 
 Oracle reference. One fixed policy (a warm-started `tiny`, or `--policy DIR`) samples G responses to each of N
 `arith_chain` prompts; the task's verifier labels every step. Every signal an estimator may need is produced once
@@ -41,8 +42,9 @@ Signals, produced once (see `fill_signals`): rollout (logprobs, entropies, certa
 step_ids / step_labels (task verifier), step_rewards from the oracle scorer, planning_mask, strata; the implicit
 PRM *at initialisation* for prm_logprobs / ref_logprobs (π_φ = π_ref, so q ≡ 0 and prime / oprl reduce to their
 outcome part); for gae, token_rewards = the outcome on the last token and values ≡ 0 (no critic: with the defaults
-γ = λ = 1 gae is then constant per response; q_values ≡ 0 too, so archer gives 0). An estimator needing anything
-else is listed as skipped.
+γ = λ = 1 gae is then constant per response; q_values ≡ 0 too, so archer gives 0); the attention signals
+(attn_waad, attn_fai, punct_mask) from one extra forward of the fixed policy with the default --attn-* options.
+An estimator needing anything else is listed as skipped.
 """
 
 from __future__ import annotations
@@ -67,7 +69,17 @@ FIELD_NOTES = {
     "values": "values≡0 (no critic): constant per response",
     "q_values": "q_values≡0 (no critic): advantage 0",
     "mc_values": "own MC values at its cut points",
+    "cut_scores": "own truncate-and-answer cuts (4 answers per cut)",
 }
+# Why a field has no producer here (the benchmark's responses are independent samples of plain prompts).
+SKIP_REASONS = {
+    "tree_node": "needs a segment-tree rollout (--rollout tree)",
+    "think_budget": "needs budget-prefixed prompts (HBPO's rollout); its advantage is per response anyway",
+}
+
+
+def skip_note(missing: Sequence[str]) -> str:
+    return "skipped: " + "; ".join(SKIP_REASONS.get(f, f"no producer here for {f}") for f in missing)
 
 
 @dataclass
@@ -212,6 +224,9 @@ def fill_signals(batch: RolloutBatch, ctx: Any) -> RolloutBatch:
         names = [n for n in names if n not in ("step_ids", "step_labels", "step_rewards")]
     batch = produce_signals(batch, names, ctx)  # oracle steps/labels/step_rewards, planning, strata
     batch = produce_step_signals(batch, get_scorer("implicit"), ctx)  # adds prm_logprobs, ref_logprobs (q ≡ 0)
+    from creditlab.signals.attention import AttnSignalConfig, produce_attention_fields
+
+    batch, _ = produce_attention_fields(batch, ctx.policy, AttnSignalConfig())  # attn_waad, attn_fai, punct_mask
     return batch.replace(token_rewards=outcome_token_rewards(batch), values=torch.zeros(batch.B, batch.T),
                          q_values=torch.zeros(batch.B, batch.T)).validate()
 
@@ -253,6 +268,31 @@ def mc_estimator_batches(batch: RolloutBatch, ctx: Any, names: Sequence[str], cf
     return out
 
 
+def budget_estimator_batches(batch: RolloutBatch, ctx: Any, names: Sequence[str], cfg: QualityConfig
+                             ) -> dict[str, RolloutBatch]:
+    """For each estimator reading cut_lens / cut_scores: the batch with its own truncate-and-answer cuts, as the
+    trainer's BudgetComponent makes them with the default --budget-* options: brpo at four even budgets up to
+    `max_new_tokens`, vsrm before every step (the task's oracle steps when it has them, else one per line);
+    4 answers of at most 16 tokens per cut, scored by the task."""
+    from creditlab.registry import get_spec
+    from creditlab.signals.budget import answer_cue, budget_cuts, even_budgets, step_cuts, truncate_and_answer
+    from creditlab.train.attn_budget import STEP_CUT_ESTIMATORS
+    from creditlab.train.config import BudgetConfig
+
+    b = BudgetConfig()
+    oracle_steps = all(getattr(s, "step_spans", None) is not None for s in ctx.scores)
+    out = {}
+    for name in names:
+        if "cut_lens" not in get_spec(name).needs:
+            continue
+        cuts = (step_cuts(batch, ctx, mode="task" if oracle_steps else "newline") if name in STEP_CUT_ESTIMATORS
+                else budget_cuts(batch, even_budgets(cfg.max_new_tokens), ctx.policy.stop_ids))
+        ans = truncate_and_answer(batch, cuts, ctx, answers=b.budget_answers, answer_tokens=b.budget_answer_tokens,
+                                  cue=answer_cue(ctx.task, b.budget_cue), temperature=cfg.temperature)
+        out[name] = batch.replace(cut_lens=ans.cut_lens, cut_scores=ans.cut_scores).validate()
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ benchmark
 @dataclass
 class QualityRow:
@@ -290,7 +330,7 @@ def score_estimators(batch: RolloutBatch, before: Tensor, wrong: Tensor, names: 
         notes = [FIELD_NOTES[f] for f in spec.needs if f in FIELD_NOTES]
         if missing:
             rows.append(QualityRow(name, ",".join(spec.needs), nan, nan, nan, nan, nan, nan,
-                                   f"skipped: no producer here for {', '.join(missing)}"))
+                                   skip_note(missing)))
             continue
         adv = get_estimator(name)(own).advantages  # [B, T]
         if len(used) == 0:  # still run every estimator, but there is nothing to measure
@@ -344,7 +384,7 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
     if any(getattr(s, "step_labels", None) is None for s in scores):
         raise ValueError(f"--reference oracle needs a task with oracle step labels (arith_chain); task "
                          f"{cfg.task_spec()[0]!r} has none: use --reference mc")
-    own = mc_estimator_batches(batch, ctx, names, cfg)
+    own = mc_estimator_batches(batch, ctx, names, cfg) | budget_estimator_batches(batch, ctx, names, cfg)
     before, wrong = error_masks(batch, [s.first_error for s in scores])
     rows, boots = score_estimators(batch, before, wrong, names, resamples=cfg.resamples, seed=cfg.seed, batches=own)
     stats = batch_stats(batch, scores, before, wrong)
@@ -371,7 +411,7 @@ def run_mc_quality(cfg: QualityConfig, policy: Any, policy_dir: str, names: Sequ
     sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     ref = estimate_reference(batch, ctx, steps, responses=cfg.mc_responses, samples=cfg.mc_samples,
                              sampling=sampling, seed=cfg.seed)
-    own = mc_estimator_batches(batch, ctx, names, cfg)
+    own = mc_estimator_batches(batch, ctx, names, cfg) | budget_estimator_batches(batch, ctx, names, cfg)
     advantages, needs, notes = {}, {}, {}
     for name in names:
         spec = get_spec(name)
@@ -379,7 +419,7 @@ def run_mc_quality(cfg: QualityConfig, policy: Any, policy_dir: str, names: Sequ
         needs[name] = ",".join(spec.needs) or "-"
         missing = [f for f in spec.needs if getattr(b, f) is None]
         if missing:
-            notes[name] = f"skipped: no producer here for {', '.join(missing)}"
+            notes[name] = skip_note(missing)
             continue
         notes[name] = "; ".join(FIELD_NOTES[f] for f in spec.needs if f in FIELD_NOTES)
         advantages[name] = get_estimator(name)(b).advantages

@@ -108,7 +108,17 @@ def realistic_batch(B: int, T: int, *, group_size: int = 8, vocab: int = 32_000,
     ).validate()
     from creditlab.sample import turn_fields
 
-    return batch.replace(**turn_fields(mask, seed, n_steps)).validate()  # turns for the agent estimators
+    # attention and budget fields from their own generator (the fields above stay what they were): punctuation
+    # tokens, budget cut points ascending per row with unused columns -1, budgets in the prompt, correctness
+    ga = torch.Generator().manual_seed(seed * 7919 + 17)
+    K = 4
+    cut_lens = torch.randint(0, T + 1, (B, K), generator=ga).sort(dim=1).values
+    cut_lens = torch.where(torch.arange(K)[None, :] < torch.randint(1, K + 1, (B, 1), generator=ga), cut_lens, -1)
+    extra = {"punct_mask": mask & (torch.rand(B, T, generator=ga) < 0.1), "cut_lens": cut_lens,
+             "cut_scores": torch.where(cut_lens >= 0, torch.rand(B, K, generator=ga), 0.0),
+             "think_budget": torch.tensor([T // 4, T // 2, T])[torch.randint(0, 3, (B,), generator=ga)].clamp_min(1),
+             "correct": (rewards > 0) & (torch.rand(B, generator=ga) < 0.8)}
+    return batch.replace(**turn_fields(mask, seed, n_steps), **extra).validate()  # turns for the agent estimators
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
