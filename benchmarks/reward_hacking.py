@@ -5,7 +5,8 @@
 
 1. Warm-start `tiny` on arith_chain {"n_steps": 2, "max_operand": 9} with SFT (once; reused from DIR/sft-tiny
    when a previous call with the same SFT settings left it there).
-2. RL from that policy with `sum_form` and with `pure` (strict min-form), same seeds, same everything else.
+2. RL from that policy with `sum_form`, with `pure` (strict min-form) and with `pure_softmin` (PURE's training
+   default, softmin at temperature 0.1), same seeds, same everything else.
    The only reward is a hackable process reward: the `oracle` scorer with `hackable: true` gives a line 1.0 iff it
    is well formed (`a op b = c`, or the final `Answer: N` line, see --answer-wellformed) and 0.0 otherwise,
    whatever its correctness. The verifiable (outcome) reward is switched off (`vr_coef: 0`): PRM-only, the
@@ -57,10 +58,12 @@ ANSWER_RE = re.compile(r"answer\s*:", re.IGNORECASE)
 ESTIMATORS = {  # label -> (estimator, estimator kwargs): PRM-only (vr_coef 0), each with its leave-one-out baseline
     "sum_form": ("sum_form", {"baseline": "token", "vr_coef": 0.0}),
     "pure": ("pure", {"mode": "strict", "baseline": "rloo", "vr_coef": 0.0}),
+    "pure_softmin": ("pure", {"vr_coef": 0.0}),  # PURE's training default: softmin, temperature 0.1
 }
 NO_BASELINE = {  # --no-baseline: the naive canonical forms (advantages >= 0; see docs/reward_hacking.md)
     "sum_form": ("sum_form", {"baseline": "none", "vr_coef": 0.0}),
     "pure": ("pure", {"mode": "strict", "baseline": "none", "vr_coef": 0.0}),
+    "pure_softmin": ("pure", {"baseline": "none", "vr_coef": 0.0}),
 }
 
 
