@@ -36,7 +36,7 @@ from torch import Tensor
 
 from creditlab.batch import RolloutBatch
 from creditlab.envs.base import state_hash
-from creditlab.rollout.hf import SamplingConfig, _left_pad, _sample_step
+from creditlab.rollout.hf import SamplingConfig, _left_pad, _sample_step, cache_kwarg, output_cache
 from creditlab.tasks.base import Score
 
 _SENTINEL_A, _SENTINEL_O = "\x01ACTION\x01", "\x01OBS\x01"
@@ -91,8 +91,8 @@ class ObservationFormatter:
 
 # ------------------------------------------------------------------ model steps on a growing KV cache
 def _forward(model: Any, ids: Tensor, attn: Tensor, pos: Tensor, cache: Any, keep_all: bool = False) -> Any:
-    return model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
-                 logits_to_keep=0 if keep_all else 1)
+    return model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                 logits_to_keep=0 if keep_all else 1, **{cache_kwarg(model): cache})
 
 
 def _prefill(model: Any, seqs: list[list[int]], pad_id: int, expand: Tensor | None = None
@@ -101,7 +101,7 @@ def _prefill(model: Any, seqs: list[list[int]], pad_id: int, expand: Tensor | No
     ids, mask = _left_pad(seqs, pad_id, model.device)
     attn = mask.long()
     out = _forward(model, ids, attn, (attn.cumsum(-1) - 1).clamp(min=0), None)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = output_cache(out), out.logits[:, -1]
     if expand is not None:  # one prefill per distinct prompt, one cache row per episode
         cache.batch_select_indices(expand)
         attn, logits = attn[expand], logits[expand]
@@ -128,7 +128,7 @@ def _decode_turn(model: Any, state: list[Any], cfg: SamplingConfig, gen: torch.G
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         attn = torch.cat([attn, alive.long()[:, None]], 1)  # [b, L + 1]
         res = _forward(model, token[:, None], attn, pos[:, None], cache)
-        cache, logits = res.past_key_values, res.logits[:, -1]
+        cache, logits = output_cache(res), res.logits[:, -1]
         pos = pos + alive.long()
         alive &= ~torch.isin(token, stop)
         if not bool(alive.any()):
@@ -151,7 +151,7 @@ def _append(model: Any, state: list[Any], obs: list[list[int]], pad_id: int) -> 
     res = _forward(model, ids, attn, positions, cache, keep_all=True)
     last = m.sum(-1) - 1  # [b] index of each row's last observation token
     logits = res.logits[torch.arange(len(obs), device=attn.device), last]  # [b, V]
-    state[:] = [res.past_key_values, attn, pos + m.sum(-1), logits]
+    state[:] = [output_cache(res), attn, pos + m.sum(-1), logits]
 
 
 # ------------------------------------------------------------------ the episode loop
