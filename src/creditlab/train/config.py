@@ -73,6 +73,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     ppo_epochs: int = 1  # passes over each batch
     minibatches: int = 1  # minibatches per pass (gradient steps per pass)
+    micro_batch_rows: int = 0  # rows per forward/backward inside a minibatch, gradients accumulated (0: all at once)
     clip_low: float = 0.2  # PPO ratio clip below 1
     clip_high: float = 0.28  # PPO ratio clip above 1 (DAPO clip-higher; 0.2 for symmetric PPO)
     dual_clip: float | None = None  # dual-clip constant c > 1 for negative advantages (None: off)
@@ -84,8 +85,8 @@ class OptimConfig:
     update_bf16: bool | None = None  # update fwd/bwd under bf16 autocast (fp32 weights, AdamW); unset: as --bf16 auto
 
     def validate(self) -> None:
-        at_least(self, warmup_steps=0, ppo_epochs=1, minibatches=1, lr=0.0, weight_decay=0.0, clip_high=0.0,
-                 kl_coef=0.0)
+        at_least(self, warmup_steps=0, ppo_epochs=1, minibatches=1, micro_batch_rows=0, lr=0.0, weight_decay=0.0,
+                 clip_high=0.0, kl_coef=0.0)
         if not 0 <= self.clip_low < 1:
             raise ValueError(f"--clip-low must be in [0, 1) (the ratio is clipped below at 1 - clip_low), "
                              f"got {self.clip_low}")

@@ -32,7 +32,7 @@ from creditlab.train.checkpoint import TrainState, atomic_write_text, load_check
 from creditlab.train.checks import one_line
 from creditlab.train.components import Component, build_components, build_rollout
 from creditlab.train.config import TrainConfig
-from creditlab.train.losses import aggregate, kl_penalty, ppo_clip_loss
+from creditlab.train.losses import aggregate, kl_penalty, micro_weights, ppo_clip_loss
 from creditlab.train.rundir import check_run_dir, default_run_dir, open_run_dir
 from creditlab.train.runlog import Logger
 
@@ -101,35 +101,49 @@ def ppo_update(cfg: TrainConfig, policy: Policy, ref_model: torch.nn.Module | No
     for _ in range(o.ppo_epochs):
         perm = torch.randperm(batch.B, generator=gen)
         for idx in perm.chunk(o.minibatches):
-            mask = batch.response_mask[idx]
-            with autocast():  # the precision old_logp used, so the first ratio is 1 up to float noise
-                logp, _, *hidden = sequence_logprobs(model, *(a[idx] for a in args), temperature=temp,
-                                                     return_hidden=want_hidden)
-            old = old_logp[idx] if old_logp is not None else logp.detach()
-            pg_loss, m = ppo_clip_loss(logp, old, advantages[idx], mask, clip_low=o.clip_low, clip_high=o.clip_high,
-                                       dual_clip=o.dual_clip, agg=o.loss_agg, norm_constant=norm_constant)
-            loss = pg_loss
-            if ref_logp is not None:
-                kl = aggregate(kl_penalty(logp, ref_logp[idx], o.kl_kind), mask, o.loss_agg,
-                               norm_constant=norm_constant)
-                loss = loss + o.kl_coef * kl
-                m["loss/kl"] = float(kl.detach())
-            outputs = {"logp": logp, **({"hidden": hidden[0]} if hidden else {}),
-                       **({"returns": returns[idx]} if returns is not None else {})}
-            for component in components:  # e.g. a value head on the policy's trunk joins this backward
-                extra, extra_m = component.loss(batch, idx, outputs)
-                loss, m = loss + extra, {**m, **extra_m}
+            # micro-batches: one forward/backward each, gradients accumulated with weights that make the sum the
+            # minibatch's loss exactly (losses.micro_weights); peak activation memory scales with the micro-batch
+            micro = idx.split(o.micro_batch_rows) if o.micro_batch_rows else (idx,)
             optim.zero_grad(set_to_none=True)
-            loss.backward()
+            m = {}
+            for mid, w in zip(micro, micro_weights(batch.response_mask, micro, o.loss_agg)):
+                for k, v in _micro_loss(o, model, components, batch, args, mid, advantages, old_logp, ref_logp,
+                                        returns, temp, norm_constant, autocast, want_hidden, w).items():
+                    m[k] = m.get(k, 0.0) + w * v
             m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm))
             optim.step()
             for component in components:
                 component.step()
-            m.update({"loss/pg": float(pg_loss.detach()), "loss/total": float(loss.detach())})
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_updates += 1
     return {k: v / max(n_updates, 1) for k, v in sums.items()}
+
+
+def _micro_loss(o: Any, model: torch.nn.Module, components: Sequence[Component], batch: RolloutBatch, args: tuple,
+                idx: torch.Tensor, advantages: torch.Tensor, old_logp: torch.Tensor | None,
+                ref_logp: torch.Tensor | None, returns: torch.Tensor | None, temp: float, norm_constant: float,
+                autocast: Any, want_hidden: bool, weight: float) -> dict[str, float]:
+    """Forward rows `idx`, backward `weight` x (PPO-clip + KL + components' losses); returns the unweighted metrics."""
+    mask = batch.response_mask[idx]
+    with autocast():  # the precision old_logp used, so the first ratio is 1 up to float noise
+        logp, _, *hidden = sequence_logprobs(model, *(a[idx] for a in args), temperature=temp,
+                                             return_hidden=want_hidden)
+    old = old_logp[idx] if old_logp is not None else logp.detach()
+    pg_loss, m = ppo_clip_loss(logp, old, advantages[idx], mask, clip_low=o.clip_low, clip_high=o.clip_high,
+                               dual_clip=o.dual_clip, agg=o.loss_agg, norm_constant=norm_constant)
+    loss = pg_loss
+    if ref_logp is not None:
+        kl = aggregate(kl_penalty(logp, ref_logp[idx], o.kl_kind), mask, o.loss_agg, norm_constant=norm_constant)
+        loss = loss + o.kl_coef * kl
+        m["loss/kl"] = float(kl.detach())
+    outputs = {"logp": logp, **({"hidden": hidden[0]} if hidden else {}),
+               **({"returns": returns[idx]} if returns is not None else {})}
+    for component in components:  # e.g. a value head on the policy's trunk joins this backward
+        extra, extra_m = component.loss(batch, idx, outputs)
+        loss, m = loss + extra, {**m, **extra_m}
+    (loss * weight).backward()
+    return {**m, "loss/pg": float(pg_loss.detach()), "loss/total": float(loss.detach())}
 
 
 def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[dict[str, float], RolloutBatch, Any]:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -16,6 +17,21 @@ from torch import Tensor
 AggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KLKind = Literal["k1", "k2", "k3"]
 AGG_MODES: tuple[str, ...] = AggMode.__args__  # type: ignore[attr-defined]
+
+
+def micro_weights(mask: Tensor, parts: Sequence[Tensor], mode: AggMode = "token-mean") -> list[float]:
+    """Weights w_j with aggregate(L, mask[M]) == sum_j w_j aggregate(L[p_j], mask[p_j]) for row index sets p_j
+    that partition a minibatch M: its share of valid tokens (token-mean), of responses with a valid token (the
+    seq-mean modes), or 1 (seq-mean-token-sum-norm: a sum over a fixed constant). Gradient accumulation over
+    micro-batches with these weights gives the minibatch's gradient exactly (up to float summation order)."""
+    if mode == "seq-mean-token-sum-norm":
+        return [1.0] * len(parts)
+    if mode == "token-mean":
+        counts = [float(mask[p].sum()) for p in parts]
+    else:
+        counts = [float((mask[p].sum(-1) > 0).sum()) for p in parts]
+    total = sum(counts)
+    return [c / total if total > 0 else 1.0 for c in counts]  # no valid token anywhere: every loss is 0
 
 
 def aggregate(loss_mat: Tensor, mask: Tensor, mode: AggMode = "token-mean", *,
