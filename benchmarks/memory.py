@@ -9,6 +9,7 @@ AdamW's state exists, as in every step after the first) and one measured update:
 backward + AdamW step, shared prompts, in
   full      the [B, T, V]-logits path (`full_logits=True`: creditlab before the chunked head),
   chunked   the chunked LM head (`rollout.head`, the default),
+  micro     the chunked head in micro-batches of --micro-rows rows, gradients accumulated (`--micro-batch-rows`),
 each in fp32 and, with `--bf16`, under bf16 autocast. The sampler's peak (one `generate` of the batch) is measured
 too: a training step's peak is the larger of its rollout's and its update's. Peaks are resident set size
 (`creditlab.bench.memory.PeakMemory`): `peak` includes weights, gradients and AdamW state; `delta` is the peak
@@ -33,6 +34,7 @@ from creditlab.device import describe, device_info, resolve_device
 from creditlab.policy import load_policy
 from creditlab.rollout.hf import SamplingConfig, generate, sequence_logprobs
 from creditlab.tasks import get_task
+from creditlab.train.losses import micro_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", action="store_true", help="also measure both update paths under bf16 autocast")
+    p.add_argument("--micro-rows", type=int, default=8, help="also measure the chunked update in micro-batches of "
+                                                              "this many rows (--micro-batch-rows; 0: skip)")
     p.add_argument("--out", type=Path, default=None, help="write the numbers here (JSON) and a .md table")
     args = p.parse_args(argv)
     if args.threads:
@@ -75,6 +79,25 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"variant": name, "seconds": seconds, **mem})
             print(f"{name:<42} peak {mem['peak_mb']:8.0f} MiB  delta {mem['delta_mb']:8.0f} MiB  {seconds:6.1f} s",
                   flush=True)
+        if args.micro_rows:  # the trainer's --micro-batch-rows: chunked head, gradients accumulated per micro-batch
+            def micro_update(bf16: bool = bf16) -> None:
+                optim.zero_grad(set_to_none=True)
+                parts = torch.arange(batch.B).split(args.micro_rows)
+                for idx, w in zip(parts, micro_weights(batch.response_mask, parts, "token-mean")):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        logp, _ = sequence_logprobs(policy.model, *(t[idx] for t in tensors))
+                    mask = batch.response_mask[idx]
+                    (-w * (logp * mask).sum() / mask.sum().clamp_min(1)).backward()
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+
+            micro_update()
+            _, seconds, mem = timed_peak(micro_update, device)
+            name = f"update: chunked head, micro-batches of {args.micro_rows} rows " \
+                   f"({'bf16 autocast' if bf16 else 'fp32'})"
+            rows.append({"variant": name, "seconds": seconds, **mem})
+            print(f"{name:<42} peak {mem['peak_mb']:8.0f} MiB  delta {mem['delta_mb']:8.0f} MiB  {seconds:6.1f} s",
+                  flush=True)
     table = markdown(rows)
     print(table)
     if args.out:
@@ -97,6 +120,10 @@ def markdown(rows: list[dict]) -> str:
         lines.append("")
         lines.append(f"chunked / full (fp32): peak {chunk['peak_mb'] / full['peak_mb']:.2f}×, "
                      f"delta {chunk['delta_mb'] / max(full['delta_mb'], 1e-9):.2f}×")
+    micro = [r for r in rows if "micro-batches" in r["variant"] and "fp32" in r["variant"]]
+    if full and micro:
+        lines.append(f"micro-batched chunked / full (fp32): peak {micro[0]['peak_mb'] / full['peak_mb']:.2f}×, "
+                     f"delta {micro[0]['delta_mb'] / max(full['delta_mb'], 1e-9):.2f}×")
     return "\n".join(lines)
 
 
