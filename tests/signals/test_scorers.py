@@ -328,15 +328,23 @@ def test_oprl_scorer_divides_by_the_rollout_policy(rollout):
     scorer = ImplicitPRMScorer(policy, mode="oprl")
     assert scorer.reference == "old_policy" and scorer.ref is None
     shifted = batch.replace(logprobs=torch.where(batch.response_mask, batch.logprobs - 0.5, 0.0))
+    # with the policy in the context, pi_old is recomputed by the same forward (verl's old_log_prob) and replaces
+    # the batch's: pi_phi = pi_old at initialisation, so q and every step reward are exactly 0
     out = produce_step_signals(shifted, scorer, ctx)
-    assert out.ref_logprobs is None
+    assert out.ref_logprobs is None and torch.equal(out.prm_logprobs, out.logprobs)
+    assert not torch.equal(out.logprobs, shifted.logprobs) and (out.step_rewards == 0).all()
+    torch.testing.assert_close(out.logprobs, batch.logprobs, atol=1e-4, rtol=0)  # the sampler's, up to float bits
+    # without a policy in the context the batch's log-probs are the denominator as given
+    bare = SimpleNamespace(**{**vars(ctx), "policy": None})
+    out = produce_step_signals(shifted, scorer, bare)
+    assert torch.equal(out.logprobs, shifted.logprobs)
     n_tok = torch.stack([((batch.step_ids == k) & batch.response_mask).sum(1) for k in range(2)], 1)  # [B,2]
     # q = prm - (logprobs - .5) = (prm - logprobs) + .5 ~ .5 per token -> rho_k ~ beta * .5 * tokens(k)
     torch.testing.assert_close(out.step_rewards, 0.05 * 0.5 * n_tok.float(), atol=1e-5, rtol=0)
     _, ref_logp = scorer.logprobs(shifted)
     assert torch.equal(ref_logp, shifted.logprobs)
     with pytest.raises(ValueError, match="logprobs"):
-        scorer.score_steps(batch.replace(logprobs=None), ctx)
+        scorer.score_steps(batch.replace(logprobs=None), bare)
     frozen = ImplicitPRMScorer(policy, mode="oprl", reference="frozen")  # iStar with ref_path set
     assert frozen.ref is not None and produce_step_signals(shifted, frozen, ctx).ref_logprobs is not None
     with pytest.raises(ValueError, match="reference='frozen'"):

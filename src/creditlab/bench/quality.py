@@ -79,6 +79,8 @@ SKIP_REASONS = {
 
 
 def skip_note(missing: Sequence[str]) -> str:
+    if "think_budget" in missing:  # `correct` comes with it from HBPO's rollout
+        missing = [f for f in missing if f != "correct"]
     return "skipped: " + "; ".join(SKIP_REASONS.get(f, f"no producer here for {f}") for f in missing)
 
 
@@ -224,6 +226,9 @@ def fill_signals(batch: RolloutBatch, ctx: Any) -> RolloutBatch:
         names = [n for n in names if n not in ("step_ids", "step_labels", "step_rewards")]
     batch = produce_signals(batch, names, ctx)  # oracle steps/labels/step_rewards, planning, strata
     batch = produce_step_signals(batch, get_scorer("implicit"), ctx)  # adds prm_logprobs, ref_logprobs (q ≡ 0)
+    # logprobs recomputed by a full forward, as the implicit PRM does for oprl (verl's old_log_prob): the sampler's
+    # KV-cached values differ in their last bits, which oprl's max-normalisation would turn into step credit
+    batch = batch.replace(logprobs=get_scorer("implicit", mode="oprl").old_policy_logprobs(batch, ctx))
     from creditlab.signals.attention import AttnSignalConfig, produce_attention_fields
 
     batch, _ = produce_attention_fields(batch, ctx.policy, AttnSignalConfig())  # attn_waad, attn_fai, punct_mask

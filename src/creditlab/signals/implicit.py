@@ -13,9 +13,11 @@ The denominator π_ref (``reference=``) follows each paper's reference code:
   At initialisation π_φ = π_ref, so q ≡ 0 and there is no process signal until the PRM has trained.
 - ``"old_policy"`` (default for ``mode="oprl"``): the rollout (old) policy's log-probs, ``batch.logprobs``. iStar's
   script sets ``ref_path=null``, and its ``dp_rm.py`` then divides by the batch's ``old_log_probs`` in both the
-  step reward and the PRM loss. No reference model is kept and ``ref_logprobs`` is not produced. ``batch.logprobs``
-  refer to the sampling temperature; π_φ is scored at this scorer's ``temperature`` (1.0 by default, as iStar's
-  reward model, which applies no temperature).
+  step reward and the PRM loss. No reference model is kept and ``ref_logprobs`` is not produced. As verl's actor
+  does before the reward model runs, the scorer recomputes ``batch.logprobs`` with a full forward of the policy
+  (`old_policy_logprobs`, at the sampling temperature) and replaces the sampler's, so π_φ = π_old gives q ≡ 0
+  exactly at initialisation; π_φ is scored at this scorer's ``temperature`` (1.0 by default, as iStar's reward
+  model, which applies no temperature).
 
 Online update of π_φ (``update``), one optimizer step per call:
 
@@ -177,8 +179,32 @@ class ImplicitPRMScorer(Scorer):
     def _step_ids(self, batch: RolloutBatch, ctx: Any) -> Tensor:
         return batch.step_ids if batch.step_ids is not None else self.segment(batch, ctx).step_ids
 
+    def old_policy_logprobs(self, batch: RolloutBatch, ctx: Any) -> Tensor | None:
+        """reference="old_policy": the rollout policy's log-probs recomputed by the same forward as π_φ's (no grad,
+        one forward per row, fp32), at the sampling temperature (`ctx.cfg.rollout.temperature`, else the scorer's),
+        as verl's actor recomputes `old_log_probs` before iStar's reward model reads them. The sampler's own
+        log-probs come from KV-cached decoding (and bf16 sampling on some machines), whose last bits differ from a
+        full forward: iStar's batch max-normalisation would blow that noise up into O(0.1-1) step credit at
+        initialisation. With a recomputed π_old and π_φ = π_old at initialisation, q ≡ 0 exactly there.
+        None without a policy in the context (then `batch.logprobs` is used as given)."""
+        from creditlab.rollout.hf import sequence_logprobs
+
+        policy = getattr(ctx, "policy", None)
+        if self.reference != "old_policy" or policy is None or batch.prompt_ids is None:
+            return None
+        rollout = getattr(getattr(ctx, "cfg", None), "rollout", None)
+        temperature = float(getattr(rollout, "temperature", self.temperature))
+        model = _unwrap(policy.model if hasattr(policy, "model") else policy)
+        with torch.no_grad():
+            logp, _ = sequence_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                        batch.response_mask, temperature=temperature, share_prompts=False)
+        return torch.where(batch.response_mask, logp.float(), torch.zeros(()))
+
     def _fields(self, batch: RolloutBatch, ctx: Any, step_ids: Tensor) -> dict[str, Tensor]:
         self._ensure(ctx)
+        old = self.old_policy_logprobs(batch, ctx)
+        if old is not None:
+            batch = batch.replace(logprobs=old)
         prm_logp, ref_logp = self.logprobs(batch)
         q = implicit_q(prm_logp, ref_logp, batch.response_mask)
         S = max(int(step_ids.max()) + 1 if step_ids.numel() else 0, 1)
@@ -190,7 +216,15 @@ class ImplicitPRMScorer(Scorer):
         fields = {"step_ids": step_ids, "step_rewards": rewards, "prm_logprobs": prm_logp.detach()}
         if self.reference == "frozen":  # the old policy's log-probs are batch.logprobs already
             fields["ref_logprobs"] = ref_logp
+        if old is not None:  # replaces the sampler's (see `overwrites`)
+            fields["logprobs"] = old
         return fields
+
+    @property
+    def overwrites(self) -> tuple[str, ...]:
+        """Fields `produce_step_signals` replaces even when the batch has them: the recomputed old-policy
+        log-probs (reference="old_policy"), so that the estimator's q and the PRM's loss use the same π_old."""
+        return ("logprobs",) if self.reference == "old_policy" else ()
 
     def score_steps(self, batch: RolloutBatch, ctx: Any) -> Tensor:
         """``step_rewards [B,S]`` on ``batch.step_ids`` (or this scorer's own split when the batch has none)."""

@@ -153,10 +153,13 @@ def produce_step_signals(batch: RolloutBatch, scorer: StepScorer, ctx: Any) -> R
     """Fill the batch fields the scorer produces (step_ids, step_rewards, ...) that the batch does not have yet.
 
     Keeps an existing ``step_ids`` only if the scorer has no ``produce`` method (then it must share the rule).
+    Fields in the scorer's ``overwrites`` (e.g. the implicit PRM's recomputed old-policy ``logprobs``) replace the
+    batch's own.
     """
     produce = getattr(scorer, "produce", None)
     fields = produce(batch, ctx) if callable(produce) else {"step_rewards": scorer.score_steps(batch, ctx)}
-    return batch.replace(**{k: v for k, v in fields.items() if getattr(batch, k) is None})
+    overwrites = set(getattr(scorer, "overwrites", ()))
+    return batch.replace(**{k: v for k, v in fields.items() if getattr(batch, k) is None or k in overwrites})
 
 
 def oracle_step_rewards(batch: RolloutBatch, ctx: Any) -> dict[str, Tensor]:
