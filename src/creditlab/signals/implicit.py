@@ -186,15 +186,19 @@ class ImplicitPRMScorer(Scorer):
         log-probs come from KV-cached decoding (and bf16 sampling on some machines), whose last bits differ from a
         full forward: iStar's batch max-normalisation would blow that noise up into O(0.1-1) step credit at
         initialisation. With a recomputed π_old and π_φ = π_old at initialisation, q ≡ 0 exactly there.
-        None without a policy in the context (then `batch.logprobs` is used as given)."""
+        None without a policy model in the context (then `batch.logprobs` is used as given: in TRL and verl they
+        are the trainer's own recomputed old log-probs already)."""
         from creditlab.rollout.hf import sequence_logprobs
 
         policy = getattr(ctx, "policy", None)
         if self.reference != "old_policy" or policy is None or batch.prompt_ids is None:
             return None
+        model = getattr(policy, "model", policy)
+        if not isinstance(model, torch.nn.Module):  # e.g. the TRL adapter's context carries only a tokenizer
+            return None
         rollout = getattr(getattr(ctx, "cfg", None), "rollout", None)
         temperature = float(getattr(rollout, "temperature", self.temperature))
-        model = _unwrap(policy.model if hasattr(policy, "model") else policy)
+        model = _unwrap(model)
         with torch.no_grad():
             logp, _ = sequence_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
                                         batch.response_mask, temperature=temperature, share_prompts=False)
