@@ -266,6 +266,8 @@ def run_config(p: Preset, task: BenchTask, policy: str, estimator: str, seed: in
     cfg.rollout = replace(cfg.rollout, **{k: v for k, v in sizes.items() if v is not None})
     if p.lr is not None:
         cfg.optim = replace(cfg.optim, lr=p.lr)
+    if "values" in _needs(estimator):  # critic estimators: a value head on the policy (benchmarks/critic.py's choice)
+        cfg.critic = replace(cfg.critic, critic="head", critic_lr=1e-3, critic_coef=0.1)
     cfg.eval = replace(cfg.eval, eval_every=p.eval_every, eval_problems=p.eval_problems)
     cfg.log = replace(cfg.log, checkpoint_every=5, tensorboard=False, progress=progress)  # and at the end
     return cfg
@@ -417,10 +419,13 @@ def _checked_estimators(p: Preset, tasks: dict[str, BenchTask]) -> tuple[list[st
     if unknown:
         raise KeyError(f"unknown estimator(s) {unknown}; registered estimators: {list_estimators()}")
     for name in names if p.estimators else ():
-        if missing_signals(name, p.oracle) or (not p.oracle and oracle_needs(name)):
-            why = missing_signals(name, p.oracle) or oracle_needs(name)
-            raise ValueError(f"bench: estimator {name!r} needs {why}, which this benchmark's trainer runs do not "
-                             f"produce; runnable estimators: {runnable_estimators(p.oracle)}")
+        if not p.oracle and oracle_needs(name):
+            raise ValueError(f"bench: estimator {name!r} reads oracle labels ({', '.join(oracle_needs(name))}), "
+                             f"which this preset does not use; runnable estimators: {runnable_estimators(p.oracle)}")
+        if missing_signals(name, p.oracle):  # only a trainer component can feed it: try one tiny step
+            why = probe(name, tasks[p.tasks[0]], p.oracle)
+            if why:
+                raise ValueError(f"bench: estimator {name!r} cannot run in this benchmark's trainer: {why}")
     return names, skipped
 
 
