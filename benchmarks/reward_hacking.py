@@ -59,11 +59,15 @@ ESTIMATORS = {  # label -> (estimator, estimator kwargs): PRM-only (vr_coef 0), 
     "sum_form": ("sum_form", {"baseline": "token", "vr_coef": 0.0}),
     "pure": ("pure", {"mode": "strict", "baseline": "rloo", "vr_coef": 0.0}),
     "pure_softmin": ("pure", {"vr_coef": 0.0}),  # PURE's training default: softmin, temperature 0.1
+    # creditlab's token baseline before issue 11 (a mean of per-token ratios), for comparison with this page's
+    # first measurement; run it with --estimators sum_form_per_row
+    "sum_form_per_row": ("sum_form", {"baseline": "token_per_row", "vr_coef": 0.0}),
 }
 NO_BASELINE = {  # --no-baseline: the naive canonical forms (advantages >= 0; see docs/reward_hacking.md)
     "sum_form": ("sum_form", {"baseline": "none", "vr_coef": 0.0}),
     "pure": ("pure", {"mode": "strict", "baseline": "none", "vr_coef": 0.0}),
     "pure_softmin": ("pure", {"baseline": "none", "vr_coef": 0.0}),
+    "sum_form_per_row": ("sum_form", {"baseline": "none", "vr_coef": 0.0}),
 }
 
 
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--img", default="docs/img/reward_hacking.png", help="figure path ('' = no figure)")
     p.add_argument("--steps", type=int, default=15, help="RL steps per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
+    p.add_argument("--estimators", nargs="+", default=["sum_form", "pure", "pure_softmin"], choices=list(ESTIMATORS))
     p.add_argument("--sft-steps", type=int, default=150)
     p.add_argument("--sft-seed", type=int, default=0)
     p.add_argument("--sft-eval-problems", type=int, default=128, help="held-out problems for the SFT accuracy")
