@@ -66,7 +66,7 @@ from creditlab.batch import RolloutBatch
 # What the signals behind some fields mean in this benchmark (printed next to the estimators that read them).
 FIELD_NOTES = {
     "prm_logprobs": "implicit PRM at init (q≡0): outcome part only",
-    "values": "values≡0 (no critic): constant per response",
+    "values": "values≡0 (no critic; gae is then constant per response)",
     "q_values": "q_values≡0 (no critic): advantage 0",
     "mc_values": "own MC values at its cut points",
     "cut_scores": "own truncate-and-answer cuts (4 answers per cut)",
