@@ -55,9 +55,10 @@ def test_one_step_end_to_end(rh, tmp_path):
     table = rh.main(["--out", str(tmp_path), "--img", str(tmp_path / "fig.png"), "--steps", "1", "--seeds", "0",
                      "--sft-steps", "2", "--sft-eval-problems", "2", "--prompts", "2", "--group", "2",
                      "--max-new-tokens", "16", "--eval-every", "1", "--eval-problems", "2", "--tail", "1"])
-    assert [r["estimator"] for r in table] == ["sum_form", "pure"]
+    assert [r["estimator"] for r in table] == ["sum_form", "pure", "pure_softmin"]
     assert (tmp_path / "fig.png").stat().st_size > 1000
     rows = [json.loads(x) for x in (tmp_path / "pure-s0" / "metrics.jsonl").read_text().splitlines()]
     assert "hack/steps" in rows[-1] and "prm/min" in rows[-1]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["estimators"]["sum_form"][1] == {"baseline": "token", "vr_coef": 0.0}
+    assert summary["estimators"]["pure_softmin"][1] == {"vr_coef": 0.0}  # PURE's defaults: softmin, T 0.1
