@@ -275,26 +275,25 @@ def mc_estimator_batches(batch: RolloutBatch, ctx: Any, names: Sequence[str], cf
 
 def budget_estimator_batches(batch: RolloutBatch, ctx: Any, names: Sequence[str], cfg: QualityConfig
                              ) -> dict[str, RolloutBatch]:
-    """For each estimator reading cut_lens / cut_scores: the batch with its own truncate-and-answer cuts, as the
-    trainer's BudgetComponent makes them with the default --budget-* options: brpo at four even budgets up to
+    """For each estimator reading cut_lens / cut_scores: the batch with its own truncate-and-answer cuts, made by
+    the trainer's `BudgetComponent` with the default --budget-* options: brpo at four even budgets up to
     `max_new_tokens`, vsrm before every step (the task's oracle steps when it has them, else one per line);
-    4 answers of at most 16 tokens per cut, scored by the task."""
+    4 answers of at most 16 tokens per cut, scored by the task, sampled in fp32 like this benchmark's rollout."""
     from creditlab.registry import get_spec
-    from creditlab.signals.budget import answer_cue, budget_cuts, even_budgets, step_cuts, truncate_and_answer
-    from creditlab.train.attn_budget import STEP_CUT_ESTIMATORS
-    from creditlab.train.config import BudgetConfig
+    from creditlab.train.attn_budget import BudgetComponent
+    from creditlab.train.config import TrainConfig
 
-    b = BudgetConfig()
     oracle_steps = all(getattr(s, "step_spans", None) is not None for s in ctx.scores)
     out = {}
     for name in names:
         if "cut_lens" not in get_spec(name).needs:
             continue
-        cuts = (step_cuts(batch, ctx, mode="task" if oracle_steps else "newline") if name in STEP_CUT_ESTIMATORS
-                else budget_cuts(batch, even_budgets(cfg.max_new_tokens), ctx.policy.stop_ids))
-        ans = truncate_and_answer(batch, cuts, ctx, answers=b.budget_answers, answer_tokens=b.budget_answer_tokens,
-                                  cue=answer_cue(ctx.task, b.budget_cue), temperature=cfg.temperature)
-        out[name] = batch.replace(cut_lens=ans.cut_lens, cut_scores=ans.cut_scores).validate()
+        tc = TrainConfig()
+        tc.run.estimator = name
+        tc.rollout.max_new_tokens, tc.rollout.temperature, tc.rollout.bf16 = cfg.max_new_tokens, cfg.temperature, False
+        tc.budget.budget_step_split = "task" if oracle_steps else "newline"
+        tc.budget.budget_summary_loss = False  # no training here: no summary rows
+        out[name] = BudgetComponent(tc, name, ctx.policy, ctx.task).produce(batch, ctx).validate()
     return out
 
 
