@@ -202,8 +202,7 @@ def reference_stats(ref: Reference) -> dict[str, Any]:
 
 
 def format_mc_table(rows: Sequence[MCQualityRow]) -> str:
-    def f(x: float) -> str:
-        return f"{x:.3f}" if math.isfinite(x) else "—"
+    from creditlab.bench.quality import _f as f  # 3 decimals, "—" for nan: the oracle table's number format
 
     lines = ["| estimator | needs | Spearman vs MC | 95% CI | worst-step AUROC | 95% CI | note |",
              "|---|---|---:|---|---:|---|---|"]
