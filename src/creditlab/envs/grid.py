@@ -39,6 +39,18 @@ def parse_direction(text: str) -> str | None:
     return _ALIASES.get(word, word)
 
 
+def _move_or_refusal(action: str, done: bool, penalty: float) -> tuple[int, int] | StepResult:
+    """The start of every grid step: the (row, col) offset of the move the action names, or the StepResult of an
+    action after the episode ended or of one that names no move (penalised, not a step)."""
+    if done:
+        return after_done(penalty)
+    move = parse_direction(action)
+    if move is None:
+        return StepResult(INVALID_MOVE.format(action=_shorten(action)), -penalty, False,
+                          {"valid": False, "success": False, "tool": "invalid"})
+    return MOVES[move]
+
+
 def _shorten(text: str, n: int = 40) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 3] + "..."
@@ -100,13 +112,10 @@ class Sokoban:
 
     # ---------------------------------------------------------------- dynamics
     def step(self, action: str) -> StepResult:
-        if self.done:
-            return after_done(self.invalid_penalty)
-        move = parse_direction(action)
-        if move is None:
-            return StepResult(INVALID_MOVE.format(action=_shorten(action)), -self.invalid_penalty, False,
-                              {"valid": False, "success": False, "tool": "invalid"})
-        dr, dc = MOVES[move]
+        move = _move_or_refusal(action, self.done, self.invalid_penalty)
+        if isinstance(move, StepResult):
+            return move
+        dr, dc = move
         nxt = (self.player[0] + dr, self.player[1] + dc)
         reward = self.step_reward
         if nxt in self.boxes:
@@ -215,13 +224,10 @@ class FrozenLake:
         return self.render()
 
     def step(self, action: str) -> StepResult:
-        if self.done:
-            return after_done(self.invalid_penalty)
-        move = parse_direction(action)
-        if move is None:
-            return StepResult(INVALID_MOVE.format(action=_shorten(action)), -self.invalid_penalty, False,
-                              {"valid": False, "success": False, "tool": "invalid"})
-        dr, dc = MOVES[move]
+        move = _move_or_refusal(action, self.done, self.invalid_penalty)
+        if isinstance(move, StepResult):
+            return move
+        dr, dc = move
         r, c = self.player[0] + dr, self.player[1] + dc
         if 0 <= r < self.size and 0 <= c < self.size:
             self.player = (r, c)
