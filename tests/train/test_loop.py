@@ -143,3 +143,14 @@ def test_sigkill_mid_checkpoint_never_leaves_an_unreadable_checkpoint(tmp_path):
         assert float(model[0].weight[0, 0].detach()) == float(state.step)  # the weights belong to that step
         open_run_dir(run_dir).close()  # what `train` does on start: no temporary file of the killed writer is left
         assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".lock"]
+
+
+def test_step_estimators_train_on_a_task_without_verifier_steps(tmp_path, capsys):
+    """chain_sum's verifier has no step spans: step_ids come from lines (--step-split auto), so poad/hicra-style
+    step estimators run there; --step-split task says why it cannot."""
+    args = [*TINY[4:], "--task", "chain_sum", "--steps", "1", "--eval-every", "1", "--critic", "head"]
+    assert main(["train", *args, "--estimator", "poad", "--out-dir", str(tmp_path / "auto")]) == 0
+    rows = read_metrics(tmp_path / "auto")
+    assert math.isfinite(rows[-1]["loss/pg"])
+    assert main(["train", *args, "--estimator", "poad", "--step-split", "task", "--out-dir", str(tmp_path / "t")]) == 2
+    assert "step_spans" in capsys.readouterr().err

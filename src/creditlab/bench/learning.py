@@ -187,14 +187,14 @@ def runnable_estimators(oracle: bool = True) -> list[str]:
 
 
 def probe(name: str, task: BenchTask, oracle: bool = True) -> str:
-    """Try `name` for one tiny trainer step (tiny policy, 2 prompts × 2 samples) on `task`: "" when it ran, else
+    """Try `name` for one tiny trainer step (tiny policy, 2 prompts × 4 samples) on `task`: "" when it ran, else
     the first line of the error (e.g. the registry's "needs RolloutBatch.values ... produced by a critic")."""
     import tempfile
 
     from creditlab.train.loop import train
 
     with tempfile.TemporaryDirectory(prefix="creditlab-probe-") as tmp:
-        p = Preset((name,), (), seeds=1, steps=1, prompts_per_step=2, group_size=2, max_new_tokens=8,
+        p = Preset((name,), (), seeds=1, steps=1, prompts_per_step=2, group_size=4, max_new_tokens=8,
                    eval_every=1, eval_problems=1, oracle=oracle)
         cfg = run_config(p, replace(task, policy="tiny"), "tiny", name, 0, Path(tmp) / "run", False)
         cfg.log = replace(cfg.log, sample_every=0)
@@ -288,8 +288,11 @@ def is_finished(path: Path, steps: int) -> bool:
 
 
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
-    """A run's config without what may change between attempts (steps, resume, progress display)."""
-    out = json.loads(json.dumps(d))
+    """A run's config without what may change between attempts (steps, resume, progress display), with every option
+    the run's creditlab did not have yet at its default (a default reproduces what the run did)."""
+    from creditlab.train.config import TrainConfig
+
+    out = TrainConfig.from_dict(json.loads(json.dumps(d))).to_dict()  # options added since: their defaults
     for section, key in (("run", "steps"), ("run", "resume"), ("log", "progress")):
         out.get(section, {}).pop(key, None)
     return out

@@ -68,6 +68,44 @@ def oracle_steps(batch: RolloutBatch, ctx: SignalContext) -> dict[str, Tensor]:
     return {"step_ids": seg.step_ids, "step_labels": step_labels}
 
 
+def step_split_mode(ctx: SignalContext) -> str:
+    """The run's step rule (`RunConfig.step_split`); "auto": the task verifier's steps when every score has
+    ``step_spans`` (arith_chain), else one step per non-empty line (what TRL's and verl's step splitters default to)."""
+    mode = getattr(getattr(ctx.cfg, "run", None), "step_split", "auto")
+    if mode != "auto":
+        return mode
+    has_spans = bool(ctx.scores) and all(getattr(s, "step_spans", None) is not None for s in ctx.scores)
+    return "task" if has_spans else "newline"
+
+
+def run_steps(batch: RolloutBatch, ctx: SignalContext) -> dict[str, Tensor]:
+    """step_ids [B,T] under the run's step rule (`step_split_mode`); the oracle's labels come with them when that
+    rule is the task's own (so step_ids and step_labels always describe the same steps)."""
+    from creditlab.signals.steps import Segmenter
+
+    mode = step_split_mode(ctx)
+    if mode == "task":
+        return oracle_steps(batch, ctx)
+    return {"step_ids": Segmenter(mode).segment(batch, ctx).step_ids}
+
+
+def _verifier_steps_only(field: str, producer: Callable[[RolloutBatch, SignalContext], dict[str, Tensor]]
+                         ) -> Callable[[RolloutBatch, SignalContext], dict[str, Tensor]]:
+    """`producer` (a field the task verifier gives per step of its own) under a check that the run's steps are the
+    verifier's: step_ids from another rule would be paired with labels or rewards of other steps."""
+
+    def produce(batch: RolloutBatch, ctx: SignalContext) -> dict[str, Tensor]:
+        mode = step_split_mode(ctx)
+        if mode != "task":
+            raise ValueError(f"{field} from the task verifier belong to the verifier's own steps, but the run's steps "
+                             f"are {mode!r} (--step-split, or a task without step spans); use --step-split task with a "
+                             f"task that labels steps (e.g. arith_chain), or a step scorer (--scorer)")
+        return producer(batch, ctx)
+
+    produce.__doc__ = producer.__doc__
+    return produce
+
+
 def default_strata(batch: RolloutBatch, ctx: SignalContext) -> dict[str, Tensor]:
     """Stratum = number of reasoning steps (lines) in the response: a structural property, like the number
     of search calls in Stratified GRPO's setting. Uses the task's step spans when it has them."""
@@ -91,11 +129,12 @@ def planning_tokens(batch: RolloutBatch, ctx: SignalContext) -> dict[str, Tensor
 
 
 PRODUCERS: dict[str, Callable[[RolloutBatch, SignalContext], dict[str, Tensor]]] = {
-    "step_ids": oracle_steps,
-    "step_labels": oracle_steps,
+    "step_ids": run_steps,
+    "step_labels": _verifier_steps_only("step_labels", oracle_steps),
     "strata": default_strata,
     "planning_mask": planning_tokens,
-    "step_rewards": oracle_step_rewards,  # task verifier labels; other scorers: signals.prm.produce_step_signals
+    # the task verifier's labels; other scorers fill step_rewards in signals.prm.produce_step_signals
+    "step_rewards": _verifier_steps_only("step_rewards", oracle_step_rewards),
     **dict.fromkeys(("turn_ids", "turn_rewards", "anchor_states"), single_turn_producer),  # one-turn episodes
     "answer_probs": single_turn_answer_probs,  # IGPO on single-turn rows (env tasks: the agent component)
     "token_rewards": token_rewards,  # outcome on the last token (minus a KL reward with --critic-kl-in-reward)

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from creditlab.train.losses import AggMode, KLKind
 
+STEP_SPLITS = ("auto", "task", "newline", "double_newline")
+
 
 @dataclass
 class RunConfig:
@@ -36,9 +38,12 @@ class RunConfig:
     resume: bool = False  # continue from out_dir's latest checkpoint
     train_pool: int = 4096  # number of training problems drawn from the task
     device: str = "auto"  # where the policy, batches, estimator and update run: auto (cuda if present), cpu, cuda[:N]
+    step_split: str = "auto"  # step_ids: auto (the task verifier's steps, else lines), task, newline, double_newline
 
     def validate(self) -> None:
         at_least(self, steps=1, train_pool=1)
+        if self.step_split not in STEP_SPLITS:
+            raise ValueError(f"--step-split must be one of {list(STEP_SPLITS)}, got {self.step_split!r}")
         from creditlab.train import checks
 
         checks.check_out_dir(self.out_dir, "--out-dir")
