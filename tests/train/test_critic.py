@@ -108,6 +108,48 @@ def test_head_loss_trains_the_head_and_reaches_the_trunk_only_through_its_coef(t
     assert moved == (coef > 0)
 
 
+def test_head_only_passes_fit_the_kept_features_and_leave_the_trunk(tiny_setup):
+    """--critic-epochs N with a head: N-1 head-only passes after a policy step, N during --critic-warmup; the trunk
+    states come from the values pass (no extra forward) and the trunk never moves."""
+    from creditlab.batch import Credit
+
+    policy, batch = tiny_setup
+    target = torch.where(batch.response_mask, 0.3, 0.0)
+    trunk_before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    critic = ValueCritic(_cfg(critic="head", critic_epochs=4, critic_warmup=1, critic_lr=1e-3, critic_clip=None),
+                         policy.model)
+    assert [critic._head_passes(s) for s in (1, 2)] == [4, 3]
+    m = batch.response_mask
+    errors = []
+    for step in (1, 2, 3):
+        ctx = SignalContext(policy=policy, step=step)
+        b = critic.produce(batch.replace(values=None), ctx)
+        errors.append(float(((b.values - target)[m] ** 2).mean()))
+        out = critic.update(b, ctx, Credit(advantages=torch.zeros_like(target), returns=target))
+        assert out["critic/head_fit_loss"] > 0 and critic.features is None  # released after the passes
+    assert errors[2] < 0.5 * errors[0]
+    assert all(torch.equal(trunk_before[k], v) for k, v in policy.model.state_dict().items())
+    one = ValueCritic(_cfg(critic="head"), policy.model)  # defaults: no head-only pass, nothing kept
+    one.produce(batch.replace(values=None), SignalContext(policy=policy, step=1))
+    assert one.features is None and one._head_passes(1) == 0
+
+
+def test_critic_warmup_trains_only_the_critic_first(tmp_path):
+    out = tmp_path / "warm"
+    args = [*TINY, "--estimator", "gae", "--critic", "head", "--critic-warmup", "2", "--critic-epochs", "3"]
+    assert main(["train", *args, "--steps", "3", "--out-dir", str(out)]) == 0
+    rows = _rows(out)
+    assert [r.get("critic/warmup") for r in rows[1:]] == [1.0, 1.0, None]
+    assert "loss/pg" not in rows[1] and "loss/pg" in rows[3]
+    assert all(r["critic/head_fit_loss"] > 0 for r in rows[1:])
+    assert rows[2]["samples"] == 2 * 12  # warmup steps still sample and count
+    # the policy did not move during warmup: a 2-step warmup run's policy is the initial one
+    out2 = tmp_path / "warm_only"
+    assert main(["train", *args, "--steps", "2", "--out-dir", str(out2)]) == 0
+    before, after = load_policy("tiny", seed=0).model.state_dict(), load_policy(str(out2 / "policy")).model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 # ------------------------------------------------------------------------------------------------ separate critics
 def _fit(critic, batch, policy, credit_returns, n, start=0):
     from creditlab.batch import Credit
@@ -217,6 +259,7 @@ def test_critic_estimators_train_tiny_without_nan(tmp_path, name, extra):
     (["--estimator", "archer", "--critic", "head"], "model:<policy>"),
     (["--estimator", "gae", "--critic", "value"], "--critic must be"),
     (["--estimator", "gae", "--critic", "head", "--critic-clip", "0"], "--critic-clip"),
+    (["--estimator", "grpo", "--critic-warmup", "2"], "--critic-warmup needs a critic"),
 ])
 def test_critic_configuration_errors_are_one_line(tmp_path, capsys, argv, needle):
     assert main(["train", *TINY, *argv, "--steps", "1", "--out-dir", str(tmp_path / "x")]) == 2

@@ -26,8 +26,9 @@ class SignalContext:
     """What producers may read besides the batch: the policy (tokenizer), the problems and their scores.
 
     ``task`` scores continuations (Monte-Carlo producers), ``seed`` seeds any sampling a producer does, ``cfg`` is
-    the run's `TrainConfig` (None outside the trainer). ``counters`` collects work done beyond the policy's own
-    samples (``count("samples/extra", n)``): the trainer logs them and adds ``samples/extra`` to its sample count.
+    the run's `TrainConfig` (None outside the trainer), ``step`` the step being run. ``counters`` collects work done
+    beyond the policy's own samples (``count("samples/extra", n)``): the trainer logs them and adds
+    ``samples/extra`` to its sample count.
     """
 
     policy: Any
@@ -38,6 +39,7 @@ class SignalContext:
     seed: int = 0
     cfg: Any = None
     counters: dict[str, float] = field(default_factory=dict)
+    step: int = 0  # the trainer's step being run (1-based; 0 outside the trainer)
 
     def count(self, name: str, n: float) -> None:
         """Add `n` to counter `name` (e.g. ``samples/extra``, ``tokens/extra``)."""

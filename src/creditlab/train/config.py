@@ -171,7 +171,8 @@ class CriticConfig:
     critic_lr: float = 1e-4  # critic AdamW learning rate (the head alone with head; trunk and head with model:)
     critic_coef: float = 0.1  # head: weight of the value loss's gradient in the policy's trunk (0: a linear probe)
     critic_clip: float | None = 0.5  # value clip around the old values (verl cliprange_value); None: unclipped
-    critic_epochs: int = 1  # model: passes of the critic over each batch
+    critic_epochs: int = 1  # passes of the critic over each batch (head: the joint step + epochs-1 head-only passes)
+    critic_warmup: int = 0  # first steps that train only the critic, the policy not updated (verl critic_warmup)
     critic_minibatches: int | None = None  # model: gradient steps per pass (None: the policy's --minibatches)
     critic_max_grad_norm: float = 1.0  # gradient clipping of the critic's own parameters
     critic_kl_in_reward: float = 0.0  # beta of a per-token KL reward (verl use_kl_in_reward, k1); 0: off
@@ -189,6 +190,10 @@ class CriticConfig:
                              f"{self.critic_kl_in_reward}")
         if self.critic_clip is not None and not self.critic_clip > 0:
             raise ValueError(f"--critic-clip must be > 0 or None, got {self.critic_clip}")
+        if self.critic_warmup < 0:
+            raise ValueError(f"--critic-warmup must be >= 0, got {self.critic_warmup}")
+        if self.critic_warmup and not self.critic:
+            raise ValueError("--critic-warmup needs a critic (--critic head or --critic model:<policy>)")
         if self.critic_epochs < 1 or (self.critic_minibatches is not None and self.critic_minibatches < 1):
             raise ValueError(f"--critic-epochs and --critic-minibatches must be >= 1, got {self.critic_epochs}, "
                              f"{self.critic_minibatches}")

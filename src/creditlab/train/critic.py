@@ -4,8 +4,13 @@
                            the value loss joins the policy's backward, the head learns from all of it with its own
                            AdamW (--critic-lr, stepped after each policy step) and the trunk from --critic-coef x its
                            gradient (0: the trunk ignores the critic, a linear probe on the policy's features).
+                           --critic-epochs N > 1 adds N-1 head-only passes over the step's trunk states (kept from
+                           the values pass, so no extra forward).
     --critic model:tiny    a separate causal LM (tiny, smollm2 or a local directory) with a scalar head on its final
                            hidden states, trained after the policy step (--critic-epochs x --critic-minibatches).
+
+--critic-warmup N (verl's trainer.critic_warmup): the first N steps sample and train the critic only; the policy is
+not updated (head: --critic-epochs head-only passes; model: its usual passes). Those steps' samples still count.
 
 Per step (see creditlab.train.components): `produce` writes values [B,T] = V(state before token t) with the critic
 as it is before the update (verl's "values"); the estimator returns `returns`; the critic regresses V onto them with
@@ -109,12 +114,23 @@ class ValueCritic(Component):
         params = [*self.head.parameters(), *(self.trunk.parameters() if self.separate else ())]
         self.optim = torch.optim.AdamW(params, lr=c.critic_lr, weight_decay=0.0)
         self.bf16 = bool(cfg.optim.update_bf16)  # the policy update's (decided by now): old and new V agree
+        self.warmup = c.critic_warmup
+        self.features: Tensor | None = None  # head: this step's detached trunk states, kept for head-only passes
         self.seconds = 0.0
 
-    def _values(self, batch: RolloutBatch) -> Tensor:
-        """V [B, T] of the state before each response token (differentiable when grad is enabled)."""
+    def _head_passes(self, step: int) -> int:
+        """Head-only passes over the step's features: all epochs while the critic warms up (no policy step), the
+        epochs beyond the joint step's one afterwards; 0 with a separate critic (it trains in `update`)."""
+        if self.separate:
+            return 0
+        return self.epochs if step <= self.warmup else self.epochs - 1
+
+    def _values(self, batch: RolloutBatch, keep: bool = False) -> Tensor:
+        """V [B, T] of the state before each response token (differentiable when grad is enabled); `keep`: also
+        keep the trunk states (detached) for head-only passes."""
         with torch.autocast(batch.response_ids.device.type, torch.bfloat16, enabled=self.bf16):
             hidden = trunk_hidden(self.trunk, batch.prompt_ids, batch.prompt_mask, batch.response_ids)[:, :-1]
+        self.features = hidden.detach() if keep else None
         return self.head(hidden)
 
     def produce(self, batch: RolloutBatch, ctx: SignalContext) -> RolloutBatch:
@@ -124,7 +140,7 @@ class ValueCritic(Component):
         was_training = self.trunk.training
         self.trunk.eval()
         with torch.no_grad():
-            values = self._values(batch)
+            values = self._values(batch, keep=self._head_passes(ctx.step) > 0)
         self.trunk.train(was_training)
         self.seconds += time.perf_counter() - t0
         return batch.replace(values=torch.where(batch.response_mask, values, torch.zeros((), device=values.device)))
@@ -164,7 +180,7 @@ class ValueCritic(Component):
                "critic/values_mean": float(batch.values[mask].mean()) if bool(mask.any()) else 0.0,
                "critic/returns_mean": float(returns[mask].mean()) if bool(mask.any()) else 0.0}
         if not self.separate:
-            return out
+            return out | self._fit_head(batch, returns, self._head_passes(ctx.step), ctx.seed)
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(ctx.seed + 104_729)
         self.trunk.train()
@@ -183,6 +199,28 @@ class ValueCritic(Component):
                 n += 1
         self.seconds += time.perf_counter() - t0
         return {**out, **{k: v / max(n, 1) for k, v in sums.items()}}
+
+    def _fit_head(self, batch: RolloutBatch, returns: Tensor, passes: int, seed: int) -> dict[str, float]:
+        """`passes` head-only epochs (x minibatches) of the clipped value loss on the features `produce` kept (the
+        trunk before this step's policy update); the trunk is not touched. Returns the mean loss when any ran."""
+        features, self.features = self.features, None
+        if passes <= 0 or features is None:
+            return {}
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed + 104_729)
+        mask, old = batch.response_mask, batch.values.float()
+        total, n = 0.0, 0
+        for _ in range(passes):
+            for idx in torch.randperm(batch.B, generator=gen).chunk(self.minibatches):
+                loss, _ = value_loss(self.head(features[idx]), returns[idx], old[idx], mask[idx], self.clip)
+                self.optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.max_norm)
+                self.optim.step()
+                total, n = total + float(loss.detach()), n + 1
+        self.optim.zero_grad(set_to_none=True)
+        self.seconds += time.perf_counter() - t0
+        return {"critic/head_fit_loss": total / n}
 
     def metrics(self) -> dict[str, float]:
         out, self.seconds = {"time/critic": self.seconds}, 0.0

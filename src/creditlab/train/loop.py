@@ -156,7 +156,8 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
     policy.model.eval()
     batch, scores = ctx["rollout"].collect(policy, task, problems, r, seed=seed)
     t1 = time.perf_counter()
-    signal_ctx = SignalContext(policy=policy, problems=problems, scores=scores, task=task, seed=seed, cfg=cfg)
+    signal_ctx = SignalContext(policy=policy, problems=problems, scores=scores, task=task, seed=seed, cfg=cfg,
+                               step=state.step + 1)
     for component in components:
         batch = component.produce(batch, signal_ctx)
     if "ref_logprobs" in ctx["needs"] and batch.ref_logprobs is None and ctx["ref_model"] is not None:
@@ -171,8 +172,11 @@ def rl_step(cfg: TrainConfig, ctx: dict[str, Any], state: TrainState) -> tuple[d
     t3 = time.perf_counter()
     for group in ctx["optim"].param_groups:  # a function of the step alone, so --resume needs no scheduler state
         group["lr"] = cfg.optim.lr * min(1.0, (state.step + 1) / max(cfg.optim.warmup_steps, 1))
-    metrics = ppo_update(cfg, policy, ctx["ref_model"], ctx["optim"], batch, credit.advantages, gen, components,
-                         returns=credit.returns)
+    if state.step < cfg.critic.critic_warmup:  # verl's critic_warmup: only the critic trains (in update below)
+        metrics = {"critic/warmup": 1.0}
+    else:
+        metrics = ppo_update(cfg, policy, ctx["ref_model"], ctx["optim"], batch, credit.advantages, gen, components,
+                             returns=credit.returns)
     for component in components:  # online parts train after the policy step, as OPRL/iStar orders it
         metrics.update(component.update(batch, signal_ctx, credit))
         metrics.update(component.metrics())
