@@ -268,8 +268,10 @@ def run_config(p: Preset, task: BenchTask, policy: str, estimator: str, seed: in
     cfg.rollout = replace(cfg.rollout, **{k: v for k, v in sizes.items() if v is not None})
     if p.lr is not None:
         cfg.optim = replace(cfg.optim, lr=p.lr)
-    if "values" in _needs(estimator):  # critic estimators: a value head on the policy (benchmarks/critic.py's choice)
-        cfg.critic = replace(cfg.critic, critic="head", critic_lr=1e-3, critic_coef=0.1)
+    if "values" in _needs(estimator):  # critic estimators: a value head on the policy, warmed up for 2 steps (the
+        # same head without warmup collapsed ma_rlhf to 0 accuracy on SmolLM2: benchmarks/results/smollm2/partial/)
+        cfg.critic = replace(cfg.critic, critic="head", critic_lr=1e-3, critic_coef=0.1, critic_warmup=2,
+                             critic_epochs=4)
     cfg.eval = replace(cfg.eval, eval_every=p.eval_every, eval_problems=p.eval_problems)
     cfg.log = replace(cfg.log, checkpoint_every=5, tensorboard=False, progress=progress)  # and at the end
     return cfg
