@@ -231,23 +231,11 @@ def _ctx(scores, step_split="auto"):
     return SignalContext(policy=SimpleNamespace(tokenizer=tiny_tokenizer()), scores=scores, cfg=cfg)
 
 
-def _rows(texts):
-    tok = tiny_tokenizer()
-    rows = [tok.encode(t, add_special_tokens=False) for t in texts]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), True
-    return RolloutBatch(response_ids=ids, response_mask=mask, group_ids=torch.arange(len(rows)),
-                        rewards=torch.zeros(len(rows)), texts=list(texts))
-
-
 def test_auto_step_split_uses_the_verifier_steps_else_lines():
     from creditlab.signals.produce import produce_signals
 
     text = "1 + 2 = 3.\nso 3\nAnswer: 3"
-    batch = _rows([text])
+    batch = batch_from_texts(tiny_tokenizer(), [text])
     no_spans = [SimpleNamespace(correct=True)]  # e.g. chain_sum, gsm8k: the verifier has no step spans
     lines = produce_signals(batch, ["step_ids"], _ctx(no_spans)).step_ids
     assert n_steps_of(lines).tolist() == [3]  # three non-empty lines
@@ -266,7 +254,7 @@ def test_verifier_fields_refuse_steps_of_another_rule(field):
 
     spans = [SimpleNamespace(correct=True, step_spans=[(0, 10)], step_labels=[1])]
     with pytest.raises(ValueError, match=f"{field} from the task verifier.*'newline'"):
-        produce_signals(_rows(["1 + 2 = 3.\nso 3"]), [field], _ctx(spans, "newline"))
+        produce_signals(batch_from_texts(tiny_tokenizer(), ["1 + 2 = 3.\nso 3"]), [field], _ctx(spans, "newline"))
 
 
 def test_step_split_option_is_checked():
