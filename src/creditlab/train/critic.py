@@ -182,23 +182,10 @@ class ValueCritic(Component):
         if not self.separate:
             return out | self._fit_head(batch, returns, self._head_passes(ctx.step), ctx.seed)
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(ctx.seed + 104_729)
         self.trunk.train()
-        sums, n = {"critic/value_loss": 0.0, "critic/clipfrac": 0.0}, 0
-        for _ in range(self.epochs):
-            for idx in torch.randperm(batch.B, generator=gen).chunk(self.minibatches):
-                loss, frac = value_loss(self._values(batch.select(idx)), returns[idx], batch.values[idx].float(),
-                                        mask[idx], self.clip)
-                self.optim.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for g in self.optim.param_groups for p in g["params"]],
-                                               self.max_norm)
-                self.optim.step()
-                sums["critic/value_loss"] += float(loss.detach())
-                sums["critic/clipfrac"] += float(frac)
-                n += 1
+        loss, frac = self._regress(lambda idx: self._values(batch.select(idx)), batch, returns, self.epochs, ctx.seed)
         self.seconds += time.perf_counter() - t0
-        return {**out, **{k: v / max(n, 1) for k, v in sums.items()}}
+        return {**out, "critic/value_loss": loss, "critic/clipfrac": frac}
 
     def _fit_head(self, batch: RolloutBatch, returns: Tensor, passes: int, seed: int) -> dict[str, float]:
         """`passes` head-only epochs (x minibatches) of the clipped value loss on the features `produce` kept (the
@@ -207,20 +194,29 @@ class ValueCritic(Component):
         if passes <= 0 or features is None:
             return {}
         t0 = time.perf_counter()
+        loss, _ = self._regress(lambda idx: self.head(features[idx]), batch, returns, passes, seed)
+        self.seconds += time.perf_counter() - t0
+        return {"critic/head_fit_loss": loss}
+
+    def _regress(self, values_of: Any, batch: RolloutBatch, returns: Tensor, passes: int,
+                 seed: int) -> tuple[float, float]:
+        """`passes` epochs x `self.minibatches` AdamW steps of the clipped value loss of `values_of(rows)` against
+        `returns` (old values: `batch.values`), gradients clipped over the optimizer's parameters; returns the mean
+        loss and clip fraction. Gradients are cleared at the end (a head's must not reach the next joint step)."""
         gen = torch.Generator().manual_seed(seed + 104_729)
         mask, old = batch.response_mask, batch.values.float()
-        total, n = 0.0, 0
+        params = [p for g in self.optim.param_groups for p in g["params"]]
+        loss_sum, frac_sum, n = 0.0, 0.0, 0
         for _ in range(passes):
             for idx in torch.randperm(batch.B, generator=gen).chunk(self.minibatches):
-                loss, _ = value_loss(self.head(features[idx]), returns[idx], old[idx], mask[idx], self.clip)
+                loss, frac = value_loss(values_of(idx), returns[idx], old[idx], mask[idx], self.clip)
                 self.optim.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.max_norm)
+                torch.nn.utils.clip_grad_norm_(params, self.max_norm)
                 self.optim.step()
-                total, n = total + float(loss.detach()), n + 1
+                loss_sum, frac_sum, n = loss_sum + float(loss.detach()), frac_sum + float(frac), n + 1
         self.optim.zero_grad(set_to_none=True)
-        self.seconds += time.perf_counter() - t0
-        return {"critic/head_fit_loss": total / n}
+        return loss_sum / max(n, 1), frac_sum / max(n, 1)
 
     def metrics(self) -> dict[str, float]:
         out, self.seconds = {"time/critic": self.seconds}, 0.0
