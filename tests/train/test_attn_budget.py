@@ -52,3 +52,49 @@ def test_vsrm_and_hbpo_train(tmp_path):
 def test_bad_options_are_one_line_errors(tmp_path, capsys, extra, needle):
     assert main(["train", *BASE, "--steps", "1", *extra, "--out-dir", str(tmp_path / "bad")]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_brpo_summary_rows_in_passes_give_the_one_graph_gradient():
+    # BRPO's summary rows (K cuts x A answers per row) are run in passes of A x len(idx) rows, each backwarded at
+    # once, when ppo_update passes "backward_weight"; the gradient and the logged value equal one graph over all
+    # of them (the path without the weight) up to float order.
+    import torch
+
+    from creditlab.policy import load_policy
+    from creditlab.rollout.hf import SamplingConfig, generate
+    from creditlab.signals.produce import SignalContext
+    from creditlab.tasks import get_task
+    from creditlab.train.attn_budget import BudgetComponent
+    from creditlab.train.config import TrainConfig
+
+    policy, task = load_policy("tiny", seed=0), get_task("arith_chain", n_steps=2)
+    problems = task.problems("train", 2, seed=0)
+    batch = generate(policy, [policy.format_prompt(p.prompt) for p in problems], 3,
+                     SamplingConfig(max_new_tokens=12), seed=0)
+    scores = [task.score(problems[int(g)], t) for g, t in zip(batch.group_ids, batch.texts)]
+    batch = batch.replace(rewards=torch.tensor([s.reward for s in scores]))
+    cfg = TrainConfig()
+    cfg.optim.update_bf16 = False
+    cfg.budget.budgets, cfg.budget.budget_answers, cfg.budget.budget_answer_tokens = "3,6,9", 2, 3
+    comp = BudgetComponent(cfg, "brpo", policy, task)
+    comp.produce(batch, SignalContext(policy=policy, problems=problems, scores=scores, task=task, seed=0))
+    # an untrained policy scores 0 everywhere (zero advantages): give the summary rows advantages to move on
+    comp._summ["adv"] = torch.randn(len(comp._summ["adv"]), generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([0, 2, 5])
+    n_rows = int(torch.isin(comp._summ["row"], idx).sum())
+    assert n_rows > 2 * len(idx)  # more than one pass of A x len(idx) = 6 rows
+
+    def grads(outputs):
+        policy.model.zero_grad(set_to_none=True)
+        term, m = comp.loss(batch, idx, outputs)
+        if term.requires_grad:
+            (term * 0.7).backward()
+        return [p.grad.clone() for p in policy.model.parameters() if p.grad is not None], term, m
+
+    g_one, t_one, m_one = grads({})
+    g_pass, t_pass, m_pass = grads({"backward_weight": torch.tensor(0.7)})
+    assert not t_pass.requires_grad and float(t_pass) == pytest.approx(float(t_one.detach()), rel=1e-5)
+    assert m_pass["loss/summary"] == pytest.approx(m_one["loss/summary"], rel=1e-5)
+    assert len(g_one) == len(g_pass) > 0 and any(bool(g.abs().sum() > 0) for g in g_one)
+    for a, b in zip(g_one, g_pass):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -145,14 +145,25 @@ class BudgetComponent(Component):
         if self.cfg.optim.ppo_epochs > 1 or self.cfg.optim.minibatches > 1:  # PPO's old log-probs, as the main rows
             from creditlab.rollout.hf import sequence_logprobs
 
-            with torch.no_grad():
-                out_rows["old"], _ = sequence_logprobs(self.policy.model, p_ids, p_mask, out_rows["ids"],
-                                                       out_rows["mask"], temperature=self.cfg.rollout.temperature)
+            with torch.no_grad(), self._autocast(device):  # in passes of 256 rows: KV of all rows never at once
+                out_rows["old"] = torch.cat([
+                    sequence_logprobs(self.policy.model, p_ids[part], p_mask[part], out_rows["ids"][part],
+                                      out_rows["mask"][part], temperature=self.cfg.rollout.temperature)[0].float()
+                    for part in torch.arange(len(rows), device=device).split(256)])
         return out_rows
+
+    def _autocast(self, device: torch.device) -> Any:
+        return torch.autocast(device.type, torch.bfloat16, enabled=self.cfg.optim.update_bf16)  # the update's
 
     def loss(self, batch: RolloutBatch, idx: Tensor, outputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """PPO-clip on the summary tokens of the minibatch's rows, weighted by their share of the minibatch's tokens
-        (so main + summary terms equal one token-mean over both up to the main term's normaliser)."""
+        (so main + summary terms equal one token-mean over both up to the main term's normaliser).
+
+        There are A answers per cut, so the summary rows outnumber the rows `idx` by up to K x A (BRPO's 3 cuts x 4
+        answers: 12x); one forward/backward over all of them held 17 GB for 32 SmolLM2 rows. When ppo_update passes
+        `outputs["backward_weight"]`, the summary rows are run in passes of A x len(idx) rows (whole prefix groups,
+        so each pass shares its prefixes' forward), each backwarded at once: peak memory about one micro-batch's.
+        The returned term is then detached (its value, for the logged total). Same gradient up to float order."""
         from creditlab.rollout.hf import sequence_logprobs
         from creditlab.train.losses import ppo_clip_loss
 
@@ -163,15 +174,29 @@ class BudgetComponent(Component):
         if pick.numel() == 0:
             return torch.zeros(()), {}
         o = self.cfg.optim
-        mask = s["mask"][pick]
-        logp, _ = sequence_logprobs(self.policy.model, s["prompt_ids"][pick], s["prompt_mask"][pick], s["ids"][pick],
-                                    mask, temperature=self.cfg.rollout.temperature)
-        adv = torch.where(mask, s["adv"][pick][:, None].expand_as(logp), torch.zeros_like(logp))
-        old = s["old"][pick] if "old" in s else logp.detach()  # one epoch, one minibatch: the current policy
-        loss, _ = ppo_clip_loss(logp, old, adv, mask, clip_low=o.clip_low, clip_high=o.clip_high,
-                                dual_clip=o.dual_clip, agg="token-mean")
-        weight = float(mask.sum()) / max(float(batch.response_mask[idx].sum()), 1.0)
-        return weight * loss, {"loss/summary": float(loss.detach()), "budget/summary_tokens": float(mask.sum())}
+        total = float(s["mask"][pick].sum())
+        weight = total / max(float(batch.response_mask[idx].sum()), 1.0)
+        back = outputs.get("backward_weight")
+        passes = pick.split(max(1, self.cfg.budget.budget_answers * len(idx))) if back is not None else (pick,)
+        term, value = torch.zeros(()), 0.0
+        for part in passes:
+            mask = s["mask"][part]
+            with self._autocast(mask.device):
+                logp, _ = sequence_logprobs(self.policy.model, s["prompt_ids"][part], s["prompt_mask"][part],
+                                            s["ids"][part], mask, temperature=self.cfg.rollout.temperature)
+            adv = torch.where(mask, s["adv"][part][:, None].expand_as(logp), torch.zeros_like(logp))
+            old = s["old"][part] if "old" in s else logp.detach()  # one epoch, one minibatch: the current policy
+            loss, _ = ppo_clip_loss(logp, old, adv, mask, clip_low=o.clip_low, clip_high=o.clip_high,
+                                    dual_clip=o.dual_clip, agg="token-mean")
+            share = float(mask.sum()) / total  # token-mean over all picked rows = share-weighted pass means
+            value += share * float(loss.detach())
+            if back is not None:
+                (weight * share * loss * back).backward()
+            else:
+                term = term + weight * share * loss
+        if back is not None:
+            term = torch.tensor(weight * value)
+        return term, {"loss/summary": value, "budget/summary_tokens": total}
 
     def update(self, batch: RolloutBatch, ctx: SignalContext, credit: Credit) -> dict[str, float]:
         self._summ = None  # the summary rows belong to this step only

@@ -75,7 +75,9 @@ class Component:
     def loss(self, batch: RolloutBatch, idx: Tensor, outputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """An extra loss term for the policy's backward on minibatch rows `idx` (e.g. a value head on the policy's
         trunk); `outputs` holds what the policy forward produced ("logp", "hidden" when `wants_hidden`) and the
-        estimator's value targets for these rows ("returns", when it has them). Default: no term."""
+        estimator's value targets for these rows ("returns", when it has them), and "backward_weight" (0-d: the factor
+        the total is backwarded with; a component whose term is too large for one graph may backward it in pieces,
+        each times this factor, and return it detached). Default: no term."""
         return torch.zeros(()), {}
 
     def step(self) -> None:

@@ -137,7 +137,7 @@ def _micro_loss(o: Any, model: torch.nn.Module, components: Sequence[Component],
         kl = aggregate(kl_penalty(logp, ref_logp[idx], o.kl_kind), mask, o.loss_agg, norm_constant=norm_constant)
         loss = loss + o.kl_coef * kl
         m["loss/kl"] = float(kl.detach())
-    outputs = {"logp": logp, **({"hidden": hidden[0]} if hidden else {}),
+    outputs = {"logp": logp, "backward_weight": torch.tensor(weight), **({"hidden": hidden[0]} if hidden else {}),
                **({"returns": returns[idx]} if returns is not None else {})}
     for component in components:  # e.g. a value head on the policy's trunk joins this backward
         extra, extra_m = component.loss(batch, idx, outputs)
