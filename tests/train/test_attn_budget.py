@@ -55,16 +55,16 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, extra, needle):
 
 
 def test_brpo_summary_rows_in_passes_give_the_one_graph_gradient():
-    # BRPO's summary rows (K cuts x A answers per row) are run in passes of A x len(idx) rows, each backwarded at
-    # once, when ppo_update passes "backward_weight"; the gradient and the logged value equal one graph over all
-    # of them (the path without the weight) up to float order.
+    # BRPO's summary rows (K cuts x A answers per row) are run in passes of about the micro-batch's token count,
+    # each backwarded at once, when ppo_update passes "backward_weight"; the gradient and the logged value equal
+    # one graph over all of them (the path without the weight) up to float order.
     import torch
 
     from creditlab.policy import load_policy
     from creditlab.rollout.hf import SamplingConfig, generate
     from creditlab.signals.produce import SignalContext
     from creditlab.tasks import get_task
-    from creditlab.train.attn_budget import BudgetComponent
+    from creditlab.train.attn_budget import BudgetComponent, _positions
     from creditlab.train.config import TrainConfig
 
     policy, task = load_policy("tiny", seed=0), get_task("arith_chain", n_steps=2)
@@ -81,8 +81,12 @@ def test_brpo_summary_rows_in_passes_give_the_one_graph_gradient():
     # an untrained policy scores 0 everywhere (zero advantages): give the summary rows advantages to move on
     comp._summ["adv"] = torch.randn(len(comp._summ["adv"]), generator=torch.Generator().manual_seed(0))
     idx = torch.tensor([0, 2, 5])
-    n_rows = int(torch.isin(comp._summ["row"], idx).sum())
-    assert n_rows > 2 * len(idx)  # more than one pass of A x len(idx) = 6 rows
+    pick = torch.isin(comp._summ["row"], idx).nonzero().squeeze(1)
+    passes = comp._passes(pick, _positions(batch, idx))
+    assert len(passes) > 1 and torch.equal(torch.cat(passes), pick)
+    firsts = [comp._summ["prompt_ids"][p[0]] for p in passes[1:]]
+    lasts = [comp._summ["prompt_ids"][p[-1]] for p in passes[:-1]]
+    assert not any(torch.equal(a, b) for a, b in zip(lasts, firsts))  # no prefix group is split between passes
 
     def grads(outputs):
         policy.model.zero_grad(set_to_none=True)

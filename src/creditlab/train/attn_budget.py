@@ -155,14 +155,35 @@ class BudgetComponent(Component):
     def _autocast(self, device: torch.device) -> Any:
         return torch.autocast(device.type, torch.bfloat16, enabled=self.cfg.optim.update_bf16)  # the update's
 
+    def _passes(self, pick: Tensor, budget: int) -> list[Tensor]:
+        """Consecutive runs of summary rows whose tokens (each distinct prefix counted once, as the shared-prompt
+        forward runs it, plus every answer) stay within `budget` (the positions the micro-batch's own forward
+        runs: `_positions`); a prefix group is never split, so each pass shares its prefixes."""
+        s = self._summ
+        assert s is not None
+        plen, alen = s["prompt_mask"].sum(1).tolist(), s["mask"].sum(1).tolist()
+        rows, out, cost, prev = pick.tolist(), [], 0, None
+        start = 0
+        for j, r in enumerate(rows):
+            same = prev is not None and torch.equal(s["prompt_ids"][r], s["prompt_ids"][prev])
+            add = int(alen[r]) + (0 if same else int(plen[r]))
+            if j > start and not same and cost + add > budget:
+                out.append(pick[start:j])
+                start, cost = j, 0
+                add = int(alen[r]) + int(plen[r])
+            cost, prev = cost + add, r
+        out.append(pick[start:])
+        return out
+
     def loss(self, batch: RolloutBatch, idx: Tensor, outputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """PPO-clip on the summary tokens of the minibatch's rows, weighted by their share of the minibatch's tokens
         (so main + summary terms equal one token-mean over both up to the main term's normaliser).
 
         There are A answers per cut, so the summary rows outnumber the rows `idx` by up to K x A (BRPO's 3 cuts x 4
         answers: 12x); one forward/backward over all of them held 17 GB for 32 SmolLM2 rows. When ppo_update passes
-        `outputs["backward_weight"]`, the summary rows are run in passes of A x len(idx) rows (whole prefix groups,
-        so each pass shares its prefixes' forward), each backwarded at once: peak memory about one micro-batch's.
+        `outputs["backward_weight"]`, the summary rows are run in passes of about as many tokens as the micro-batch
+        (whole prefix groups, so each pass shares its prefixes' forward; `_passes`), each backwarded at once: peak
+        memory about one micro-batch's.
         The returned term is then detached (its value, for the logged total). Same gradient up to float order."""
         from creditlab.rollout.hf import sequence_logprobs
         from creditlab.train.losses import ppo_clip_loss
@@ -177,15 +198,18 @@ class BudgetComponent(Component):
         total = float(s["mask"][pick].sum())
         weight = total / max(float(batch.response_mask[idx].sum()), 1.0)
         back = outputs.get("backward_weight")
-        passes = pick.split(max(1, self.cfg.budget.budget_answers * len(idx))) if back is not None else (pick,)
+        passes = self._passes(pick, _positions(batch, idx)) if back is not None else (pick,)
         term, value = torch.zeros(()), 0.0
         for part in passes:
-            mask = s["mask"][part]
+            p_mask, mask = s["prompt_mask"][part], s["mask"][part]
+            width, length = int(p_mask.sum(1).max()), int(mask.sum(1).max())  # this pass's own padding only
+            p_ids, p_mask = s["prompt_ids"][part][:, p_mask.shape[1] - width:], p_mask[:, p_mask.shape[1] - width:]
+            ids, mask = s["ids"][part][:, :length], mask[:, :length]
             with self._autocast(mask.device):
-                logp, _ = sequence_logprobs(self.policy.model, s["prompt_ids"][part], s["prompt_mask"][part],
-                                            s["ids"][part], mask, temperature=self.cfg.rollout.temperature)
+                logp, _ = sequence_logprobs(self.policy.model, p_ids, p_mask, ids, mask,
+                                            temperature=self.cfg.rollout.temperature)
             adv = torch.where(mask, s["adv"][part][:, None].expand_as(logp), torch.zeros_like(logp))
-            old = s["old"][part] if "old" in s else logp.detach()  # one epoch, one minibatch: the current policy
+            old = s["old"][part][:, :length] if "old" in s else logp.detach()  # one epoch, one minibatch: current
             loss, _ = ppo_clip_loss(logp, old, adv, mask, clip_low=o.clip_low, clip_high=o.clip_high,
                                     dual_clip=o.dual_clip, agg="token-mean")
             share = float(mask.sum()) / total  # token-mean over all picked rows = share-weighted pass means
@@ -205,6 +229,16 @@ class BudgetComponent(Component):
     def metrics(self) -> dict[str, float]:
         out, self._metrics = self._metrics, {}
         return out
+
+
+def _positions(batch: RolloutBatch, idx: Tensor) -> int:
+    """Token positions the policy forward of rows `idx` runs: each distinct (padded) prompt once + every padded
+    response (rollout.hf.sequence_logprobs with shared prompts)."""
+    if batch.prompt_ids is None or batch.prompt_mask is None:
+        return len(idx) * batch.response_ids.shape[1]
+    keyed = torch.where(batch.prompt_mask[idx], batch.prompt_ids[idx], -1)
+    distinct = int(torch.unique(keyed, dim=0).shape[0]) if keyed.numel() else 0
+    return distinct * keyed.shape[1] + len(idx) * batch.response_ids.shape[1]
 
 
 def budget_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
