@@ -1,8 +1,9 @@
-"""Signal plumbing shared by the TRL trainer and the verl hook: steps, per-step values and planning tokens."""
+"""Signal plumbing shared by the TRL trainer and the verl hook: steps, per-step values, planning tokens and turns."""
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +16,62 @@ from creditlab.signals.steps import Segmentation, Segmenter, pad_step_values
 
 # Per-row integer fields an integration reads from a dataset column or the reward's extra info.
 ROW_FIELDS = tuple(n for n, s in FIELDS.items() if s.shape == ("B",) and s.kind == "long" and n != "group_ids")
+# Per-turn fields [B,N] an integration reads as one list per row (one value per turn) from the same places.
+TURN_FIELDS = tuple(n for n, s in FIELDS.items() if s.shape == ("B", "N"))
+
+
+def turn_ids_from_mask(action_mask: Tensor) -> Tensor:
+    """turn_ids [B,T] from a multi-turn action mask: turn k of a row is its k-th maximal run of model tokens
+    (True) between environment/tool tokens (False); -1 outside the mask. A row without tool tokens is one turn.
+    This is the layout verl's agent loop (response_mask 0 on tool responses) and TRL's tool_mask / a
+    rollout_func's env_mask give."""
+    m = action_mask.bool()
+    start = m & ~torch.nn.functional.pad(m, (1, 0))[:, :-1]  # [B,T] first token of each run
+    return torch.where(m, start.long().cumsum(1) - 1, -1)
+
+
+def turn_values(name: str, values: Sequence[Any], turn_ids: Tensor, *, source: str,
+                where: str = "row") -> Tensor:
+    """[B,N] per-turn field `name` from one list per row with one value per turn of that row (its turns in
+    `turn_ids`); N = the most turns in the batch, padding 0 (the field's convention). anchor_states take ints or
+    state keys (strings, hashed by `envs.base.state_hash`, as creditlab's environments do); the floats must be
+    finite. A count that does not match the row's turns is an error naming the row."""
+    from creditlab.envs.base import state_hash
+
+    counts = (turn_ids.max(dim=1).values + 1).clamp(min=0).tolist() if turn_ids.numel() else [0] * len(values)
+    values = list(values)
+    if len(values) != len(counts):
+        raise ValueError(f"{source} gave {len(values)} lists for {len(counts)} {where}s")
+    is_long = FIELDS[name].kind == "long"
+    out = torch.zeros((len(counts), max(counts + [1])), dtype=torch.long if is_long else torch.float32)
+    for b, (row, n) in enumerate(zip(values, counts)):
+        row = list(row) if hasattr(row, "__len__") and not isinstance(row, (str, bytes, dict)) else row
+        if not isinstance(row, list) or len(row) != n:
+            got = f"{len(row)} values" if isinstance(row, list) else repr(row)
+            raise ValueError(f"{source} gave {got} for {where} {b}, which has {n} turn(s) (runs of model tokens "
+                             f"between tool/environment tokens): RolloutBatch.{name} needs one value per turn")
+        for k, v in enumerate(row):
+            if is_long:
+                out[b, k] = state_hash(v) if isinstance(v, str) else _integer(v, source, b, name)
+            else:
+                out[b, k] = _finite(v, source, b, name)
+    return out.to(turn_ids.device)
+
+
+def _integer(v: Any, source: str, b: int, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v != int(v):
+        raise ValueError(f"{source} gave {v!r} in row {b}; RolloutBatch.{name} takes integers or state strings")
+    return int(v)
+
+
+def _finite(v: Any, source: str, b: int, name: str) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x):
+        raise ValueError(f"{source} gave {v!r} in row {b}; RolloutBatch.{name} values must be finite numbers")
+    return x
 
 
 def segment(response_ids: Tensor, response_mask: Tensor, tokenizer: Any, segmenter: Segmenter) -> Segmentation:

@@ -22,8 +22,17 @@ Mapping (TRL -> RolloutBatch):
     ref_per_token_logps (beta != 0)     -> ref_logprobs
     extra no-grad forward of the policy -> logprobs, entropies, certainty, token_logits (only when needed)
     decoded completions                 -> texts
+    runs of 1s in the response_mask     -> turn_ids       [B,T] (multi-turn: below)
     the sources in `trl_sources`        -> step_ids, step_rewards, step_labels, strata, planning_mask,
                                            prm_logprobs, values, ... (see `FIELD_HOW`)
+
+Multi-turn agents (gigpo, mt_grpo, igpo, oprl_turn, poad_turns, archer, stratified): TRL's own tool loop
+(`tools=` / `environment_factories=`) or a `rollout_func` returning `env_mask` (1 on model tokens, 0 on
+environment/tool tokens) gives completions whose masked runs are the turns; `turn_ids` follow from them. Per-turn
+fields come from extra keys of the rollout_func output (TRL hands them to reward functions, so they reach the
+trainer as columns): `row_fields={"turn_rewards": "turn_rewards", "anchor_states": "states"}` with one list per
+completion and one value per turn (anchor states as ints or state strings), `row_fields={"strata": "n_calls"}`
+per completion. tests/integrations/test_trl_multiturn.py runs a real multi-turn environment this way.
 
 Semantics kept from TRL: a completion every reward function scored None (NaN) is *unscorable*: it gets advantage
 0 and the estimator runs without it (it is in no group statistic, no prefix tree, no batch whitening). An
@@ -47,11 +56,13 @@ from creditlab.batch import FIELDS, REQUIRED, RolloutBatch
 from creditlab.integrations._checks import check_estimator_kwargs
 from creditlab.integrations.trl_sources import (
     ROW_FIELDS,
+    TURN_FIELDS,
     LocalRows,
     StepSource,
     implicit_prm_fields,
     planning_fields,
     row_field_values,
+    turn_ids_from_mask,
 )
 from creditlab.registry import get_spec
 
@@ -71,6 +82,8 @@ FIELD_SOURCES: dict[str, str] = {
     "token_rewards": "the summed reward on each completion's last valid token",
     "step_ids": "the step splitter (step_split=, default 'newline') on the decoded completions",
     "planning_mask": "creditlab's strategic-gram detector on the completions (planning_grams=)",
+    "turn_ids": "the runs of model tokens between tool/environment tokens (TRL's tool_mask, or the env_mask a "
+                "multi-turn rollout_func returns); a completion without such tokens is one turn",
 }
 # How a user supplies the fields TRL's output does not hold (named in construction errors).
 FIELD_HOW: dict[str, str] = {
@@ -84,6 +97,9 @@ FIELD_HOW: dict[str, str] = {
               "(TRL's GRPOTrainer trains no value model)",
     **{f: f"row_fields={{'{f}': 'a dataset column'}} or row_fields={{'{f}': fn}}, fn(prompts, completions, "
           f"completion_ids, **columns) -> one int per completion" for f in ROW_FIELDS},
+    **{f: f"row_fields={{'{f}': 'a key of your rollout_func output (or a dataset column)'}} or row_fields="
+          f"{{'{f}': fn}}, called like a reward function -> one list per completion with one value per turn "
+          "(turns: the runs of model tokens between the env_mask/tool_mask zeros)" for f in TURN_FIELDS},
 }
 _FORWARD_FIELDS = ("logprobs", "entropies", "certainty", "token_logits")
 _PAD = {"step_ids": -1, "turn_ids": -1, "step_labels": -1, "mc_cuts": -1}  # padding of [B,T]/[B,S]/[B,C] fields
@@ -138,9 +154,10 @@ def plan_sources(estimator: str, needs: Sequence[str], *, step_reward_funcs: lis
                  planning_grams: Any, row_fields: dict[str, Any], implicit_prm: Any,
                  field_producers: dict[str, Any]) -> dict[str, str]:
     """`plan_fields` for the sources a user gave; also refuses a source the estimator would not read."""
-    bad_rows = sorted(set(row_fields) - set(ROW_FIELDS))
+    bad_rows = sorted(set(row_fields) - set(ROW_FIELDS) - set(TURN_FIELDS))
     if bad_rows:
-        raise ValueError(f"row_fields keys must be per-completion integer fields {list(ROW_FIELDS)}, got {bad_rows}")
+        raise ValueError(f"row_fields keys must be per-completion integer fields {list(ROW_FIELDS)} or per-turn "
+                         f"fields {list(TURN_FIELDS)}, got {bad_rows}")
     bad_producers = sorted(set(field_producers) - set(FIELDS))
     if bad_producers:
         raise ValueError(f"field_producers keys must be RolloutBatch fields, got {bad_producers}")
@@ -209,7 +226,9 @@ class CreditGRPOTrainer(GRPOTrainer):
         estimator_kwargs: its hyperparameters (checked here against its signature and on a probe batch).
             For TRL-identical GRPO advantages use `estimator="grpo", estimator_kwargs={"eps": 1e-4}`.
         step_reward_funcs, step_reward_weights, step_label_func, step_split: step signals (`trl_sources`).
-        row_fields: {"strata" | "traj_ids" | "anchor_obs": dataset column name or TRL-style function}.
+        row_fields: {"strata" | "traj_ids" | "anchor_obs": dataset column name or TRL-style function}, and the
+            per-turn fields {"turn_rewards" | "anchor_states" | "answer_probs": a rollout_func output key or a
+            function} giving one list per completion, one value per turn (multi-turn: module docstring).
         planning_grams: strategic grams for `planning_mask` (default creditlab's curated list).
         implicit_prm: an `ImplicitPRMScorer`, or its keyword arguments as a dict (PRIME/OPRL); it starts as a
             copy of the policy, is updated once per generation batch, and is saved in TRL checkpoints.
@@ -362,6 +381,8 @@ class CreditGRPOTrainer(GRPOTrainer):
                 1, last[:, None], batch.rewards.float()[:, None]) * mask
         if "texts" in trl:
             found["texts"] = self._tokenizer.batch_decode(ids, skip_special_tokens=True)
+        if "turn_ids" in trl:
+            found["turn_ids"] = turn_ids_from_mask(mask)
         batch = batch.replace(**found)
         return self._run_sources(batch)
 
@@ -373,7 +394,7 @@ class CreditGRPOTrainer(GRPOTrainer):
         if "planning" in plan.values():
             batch = batch.replace(**planning_fields(batch, rows, self._planning_grams))
         for name, source in self._row_fields.items():
-            batch = batch.replace(**{name: row_field_values(name, source, rows, batch.response_ids.device)})
+            batch = batch.replace(**{name: row_field_values(name, source, rows, batch.response_ids.device, batch)})
         if self._prm is not None:
             made = implicit_prm_fields(self._prm, batch, rows)
             batch = batch.replace(**{k: v for k, v in made.items() if plan.get(k) == "implicit_prm"})

@@ -25,10 +25,19 @@ import torch
 from torch import Tensor
 
 from creditlab.batch import RolloutBatch
-from creditlab.integrations._signals import ROW_FIELDS, planning_mask, segment, step_labels, step_scores
+from creditlab.integrations._signals import (
+    ROW_FIELDS,
+    TURN_FIELDS,
+    planning_mask,
+    segment,
+    step_labels,
+    step_scores,
+    turn_ids_from_mask,
+    turn_values,
+)
 from creditlab.signals.steps import Segmenter
 
-__all__ = ["ROW_FIELDS", "LocalRows", "StepSource", "func_name", "implicit_prm_fields", "planning_fields",
+__all__ = ["ROW_FIELDS", "TURN_FIELDS", "LocalRows", "StepSource", "func_name", "implicit_prm_fields", "planning_fields",
            "row_field_values"]
 
 
@@ -98,15 +107,23 @@ class StepSource:
         return out
 
 
-def row_field_values(name: str, source: str | Callable[..., Any], rows: LocalRows, device: Any) -> Tensor:
-    """[b] long values of a per-row field from a dataset column (str) or a TRL-style function."""
+def row_field_values(name: str, source: str | Callable[..., Any], rows: LocalRows, device: Any,
+                     batch: RolloutBatch | None = None) -> Tensor:
+    """[b] long values of a per-row field, or [b,N] values of a per-turn field (`TURN_FIELDS`: one list per
+    completion, one value per turn of its `turn_ids`, else of the runs of its action mask), from a dataset column
+    or a rollout_func output key (str: TRL hands both to reward functions) or a TRL-style function."""
     if isinstance(source, str):
         if source not in rows.columns:
-            raise ValueError(f"row_fields[{name!r}] names dataset column {source!r}, which the dataset does not "
-                             f"have; columns: {sorted(rows.columns)}")
+            raise ValueError(f"row_fields[{name!r}] names column {source!r}, which neither the dataset nor the "
+                             f"rollout_func output has; columns: {sorted(rows.columns)}")
         values = rows.columns[source]
     else:
         values = rows.call(source)
+    if name in TURN_FIELDS:
+        if batch is None:
+            raise ValueError(f"row_fields[{name!r}] is a per-turn field: it needs the batch's turns")
+        turns = batch.turn_ids if batch.turn_ids is not None else turn_ids_from_mask(batch.response_mask)
+        return turn_values(name, values, turns, source=f"row_fields[{name!r}]", where="completion").to(device)
     try:
         return torch.tensor([int(v) for v in values], dtype=torch.long, device=device)  # [b]
     except (TypeError, ValueError):

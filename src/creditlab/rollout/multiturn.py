@@ -273,8 +273,16 @@ class MultiTurn:
         """``n`` episodes of every problem (rows problem-major, ``group_ids`` = problem index)."""
         if n < 1 or not problems:
             raise ValueError(f"a multi-turn rollout needs problems and n >= 1, got {len(problems)} problems, n={n}")
+        return self.run_rows(policy, task, problems, [g for g in range(len(problems)) for _ in range(n)], sampling,
+                             seed=seed)
+
+    def run_rows(self, policy: Any, task: Any, problems: list[Any], expand: list[int], sampling: SamplingConfig, *,
+                 seed: int) -> tuple[RolloutBatch, list[EpisodeScore]]:
+        """One episode per entry of ``expand`` (row i plays ``problems[expand[i]]``; ``group_ids`` = that index),
+        for callers whose rows are not problem-major groups (e.g. a TRL process's share of a generation batch)."""
+        if not expand or min(expand) < 0 or max(expand) >= len(problems):
+            raise ValueError(f"expand must index the {len(problems)} problems, got {expand[:8]}")
         prompts = [policy.format_prompt(p.prompt) for p in problems]
-        expand = [g for g in range(len(problems)) for _ in range(n)]
         envs = [self._env(task) for _ in expand]
         seeds = [int(problems[g].meta["env_seed"]) for g in expand]
         eps = run_episodes(policy, envs, seeds, prompts, expand, sampling, max_turns=self.max_turns, seed=seed,
