@@ -43,7 +43,7 @@ def turn_values(name: str, values: Sequence[Any], turn_ids: Tensor, *, source: s
     if len(values) != len(counts):
         raise ValueError(f"{source} gave {len(values)} lists for {len(counts)} {where}s")
     is_long = FIELDS[name].kind == "long"
-    out = torch.zeros((len(counts), max(counts + [1])), dtype=torch.long if is_long else torch.float32)
+    out = torch.zeros((len(counts), max([*counts, 1])), dtype=torch.long if is_long else torch.float32)
     for b, (row, n) in enumerate(zip(values, counts)):
         row = list(row) if hasattr(row, "__len__") and not isinstance(row, (str, bytes, dict)) else row
         if not isinstance(row, list) or len(row) != n:

@@ -37,8 +37,8 @@ from creditlab.integrations._signals import (
 )
 from creditlab.signals.steps import Segmenter
 
-__all__ = ["ROW_FIELDS", "TURN_FIELDS", "LocalRows", "StepSource", "func_name", "implicit_prm_fields", "planning_fields",
-           "row_field_values"]
+__all__ = ["ROW_FIELDS", "TURN_FIELDS", "LocalRows", "StepSource", "func_name", "implicit_prm_fields",
+           "planning_fields", "row_field_values"]
 
 
 
