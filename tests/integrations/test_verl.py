@@ -336,3 +336,56 @@ def test_check_config_accepts_what_the_hook_can_supply(verl_config):
           ["algorithm.adv_estimator=creditlab_stratified", "+algorithm.creditlab_row_fields={strata: n_calls}"]]
     for overrides in ok:
         plugin.check_config(verl_config(*overrides))
+
+
+def test_multi_turn_rows_from_the_agent_loop_give_gigpo_its_turns(verl_config):
+    """Real multi-turn episodes (creditlab's engine on Sokoban, tiny policy) laid out as verl's agent loop lays them
+    out: response_mask 0 on the environment's observation tokens, per-turn lists in the rows' extra info. The hook's
+    turn_ids are the runs of the mask; the advantages equal gigpo on the engine's own batch."""
+    from creditlab.policy import load_policy
+    from creditlab.rollout.hf import SamplingConfig
+    from creditlab.rollout.multiturn import MultiTurn
+    from creditlab.tasks import get_task
+
+    policy, task = load_policy("tiny", seed=0), get_task("sokoban")
+    own, scores = MultiTurn(max_turns=3).run(policy, task, task.problems("train", 2, 0), 3,
+                                             SamplingConfig(max_new_tokens=6), seed=0)
+    assert int(own.turn_ids.max()) >= 1 and (~own.response_mask & (own.response_ids != 0)).any()
+    b, t = own.response_ids.shape
+    last = (own.response_mask.long() * torch.arange(1, t + 1)).argmax(1)
+    tlr = torch.zeros(b, t)
+    tlr[torch.arange(b), last] = own.rewards
+    turns = [s.turns for s in scores]
+    data = DataProto.from_dict(
+        tensors={"responses": own.response_ids, "response_mask": own.response_mask.long(), "token_level_rewards": tlr},
+        non_tensors={"uid": np.array([f"p{g}" for g in own.group_ids.tolist()], dtype=object),
+                     "turn_rewards": np.array([own.turn_rewards[i, :k].tolist() for i, k in enumerate(turns)] + [None],
+                                              dtype=object)[:-1],
+                     "states": np.array([own.anchor_states[i, :k].tolist() for i, k in enumerate(turns)] + [None],
+                                        dtype=object)[:-1]})
+    config = verl_config("algorithm.adv_estimator=creditlab_gigpo",
+                         "+algorithm.creditlab_row_fields={turn_rewards: turn_rewards, anchor_states: states}")
+    plugin.check_config(config)
+    out = plugin.compute_advantage(data, adv_estimator="creditlab_gigpo", config=config.algorithm,
+                                   tokenizer=policy.tokenizer)
+    want = get_spec("gigpo").fn(own.replace(token_rewards=tlr)).advantages
+    torch.testing.assert_close(out.batch["advantages"], want.float(), atol=1e-6, rtol=1e-5)
+    assert out.batch["advantages"].abs().sum() > 0 and (out.batch["advantages"][~own.response_mask] == 0).all()
+    with pytest.raises(ValueError, match=r"creditlab_row_fields=\{turn_rewards: <key>\}"):
+        plugin.check_config(verl_config("algorithm.adv_estimator=creditlab_gigpo",
+                                        "+algorithm.creditlab_row_fields={anchor_states: states}"))
+
+
+def test_turn_lists_are_checked_and_read_from_the_agent_loops_extra_fields(tok):
+    from creditlab.integrations.verl_hook import HookConfig, signal_fields
+
+    responses = torch.tensor([[3, 4, 5, 6, 7, 1], [3, 4, 1, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 0, 0, 0, 0]])  # row 0: two turns around a tool response
+    hook = HookConfig(row_fields={"turn_rewards": "tr"})
+    out = signal_fields({"turn_ids", "turn_rewards"}, responses, mask, tok, hook, [{"tr": [0.5, 1.0]}, {"tr": [2.0]}])
+    assert out["turn_ids"].tolist() == [[0, 0, -1, -1, 1, 1], [0, 0, -1, -1, -1, -1]]
+    assert out["turn_rewards"].tolist() == [[0.5, 1.0], [2.0, 0.0]]
+    with pytest.raises(ValueError, match="response 1, which has 1 turn"):
+        signal_fields({"turn_rewards"}, responses, mask, tok, hook, [{"tr": [0.5, 1.0]}, {"tr": [2.0, 3.0]}])
+    # v1 trainer: the agent loop's extra_fields (top level) and the reward's extra info both count
+    assert plugin._row_info({"tr": [1.0], "reward_extra_info": {"acc": 1}}) == {"tr": [1.0], "acc": 1}

@@ -245,6 +245,14 @@ def _made_fields(data: Any, adv_estimator: str, tokenizer: Any, config: Any) -> 
                          infos)
 
 
+def _row_info(x: Any) -> dict[str, Any]:
+    """A row's extra info in the v1 trainer: the agent loop's extra_fields with its reward_extra_info on top."""
+    if not isinstance(x, dict):
+        return {}
+    info = x.get("reward_extra_info", {})
+    return {**{k: v for k, v in x.items() if k != "reward_extra_info"}, **(info if isinstance(info, dict) else {})}
+
+
 def register_v1_trainer(mode: str = V1_TRAINER_MODE) -> type:
     """Register (via verl's `register_trainer`) a `PPOTrainerSync` subclass that feeds the trainer hook.
 
@@ -301,7 +309,7 @@ def hook_fields(tq: Any, batch: Any, needs: set[str], tokenizer: Any, hook: Hook
     if made - {"prompt_ids", "prompt_mask"}:
         infos = None
         if "extra_fields" in select:  # each row's reward_extra_info; list() as verl normalizes non-tensor fields
-            infos = [x.get("reward_extra_info", {}) if isinstance(x, dict) else {} for x in list(data["extra_fields"])]
+            infos = [_row_info(x) for x in list(data["extra_fields"])]
         fields.update(signal_fields(made - {"prompt_ids", "prompt_mask"}, padded("responses").long(),
                                     padded("response_mask"), tokenizer, hook, infos))
     if "prompts" in select:

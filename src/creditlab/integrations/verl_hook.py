@@ -5,6 +5,7 @@ Configuration (all under `algorithm`, next to `adv_estimator`):
     +algorithm.creditlab_kwargs={td_coef: 0.5}                      # the estimator's hyperparameters
     +algorithm.creditlab_steps={split: newline, rewards_key: step_rewards, labels_key: step_labels}
     +algorithm.creditlab_row_fields={strata: n_search_calls}        # per-row ints from the reward's extra info
+    +algorithm.creditlab_row_fields={turn_rewards: turn_rewards, anchor_states: states}  # per-turn lists
     +algorithm.creditlab_planning_grams=[...]                       # HICRA's strategic grams (default: curated)
 
 Step signals follow verl's idiom for extra reward outputs: the custom reward function returns a dict,
@@ -19,6 +20,9 @@ What the hook reads (v1 trainer, from TransferQueue; legacy trainers, from the D
     values <- values              entropies <- entropy (v1) / entropys (legacy)
     prompt_ids, prompt_mask <- prompts (left-padded)
     step_ids, step_rewards, step_labels, strata/traj_ids/anchor_obs <- responses + reward_extra_info
+    turn_ids <- the runs of 1s in response_mask (verl's agent loop sets 0 on tool responses: the turns)
+    turn_rewards/anchor_states/answer_probs <- one list per response (a value per turn) under the key
+        +algorithm.creditlab_row_fields names, from reward_extra_info or the agent loop's extra_fields
     planning_mask, texts <- responses decoded with the trainer's tokenizer
 `check_config` runs when the `creditlab_sync` trainer is constructed, before workers, models or data load.
 """
@@ -33,7 +37,16 @@ from torch import Tensor
 
 from creditlab.batch import FIELDS
 from creditlab.integrations._checks import check_estimator_kwargs
-from creditlab.integrations._signals import ROW_FIELDS, planning_mask, segment, step_labels, step_scores
+from creditlab.integrations._signals import (
+    ROW_FIELDS,
+    TURN_FIELDS,
+    planning_mask,
+    segment,
+    step_labels,
+    step_scores,
+    turn_ids_from_mask,
+    turn_values,
+)
 from creditlab.registry import get_spec, list_estimators
 from creditlab.signals.steps import Segmenter
 
@@ -46,10 +59,10 @@ ALWAYS = ("response_mask", "group_ids", "rewards", "token_rewards")  # built fro
 V1_FIELDS: dict[str, str] = {"response_ids": "responses", "logprobs": "old_log_probs",
                              "ref_logprobs": "ref_log_prob", "values": "values", "entropies": "entropy"}
 HOOK_MADE = ("step_ids", "step_rewards", "step_labels", "planning_mask", "texts", "prompt_ids", "prompt_mask",
-             *ROW_FIELDS)  # made by the hook from responses, prompts and reward_extra_info
+             "turn_ids", *ROW_FIELDS, *TURN_FIELDS)  # made by the hook from responses, prompts and extra info
 # Always available to the hook: verl computes these in every PPO step (or they come from the responses).
 _FREE = {*ALWAYS, "response_ids", "logprobs", "entropies", "step_ids", "planning_mask", "texts", "prompt_ids",
-         "prompt_mask"}
+         "prompt_mask", "turn_ids"}
 
 
 @dataclass
@@ -71,9 +84,10 @@ class HookConfig:
             raise ValueError(f"+algorithm.creditlab_steps has unknown key(s) {unknown}; valid: split, pattern, "
                              "rewards_key, labels_key")
         rows = _plain(_get(algorithm, "creditlab_row_fields")) or {}
-        bad = sorted(set(rows) - set(ROW_FIELDS))
+        bad = sorted(set(rows) - set(ROW_FIELDS) - set(TURN_FIELDS))
         if bad:
-            raise ValueError(f"+algorithm.creditlab_row_fields keys must be in {list(ROW_FIELDS)}, got {bad}")
+            raise ValueError(f"+algorithm.creditlab_row_fields keys must be in {list(ROW_FIELDS + TURN_FIELDS)}, "
+                             f"got {bad}")
         grams = _plain(_get(algorithm, "creditlab_planning_grams"))
         out = cls(split=steps.get("split", "newline"), pattern=steps.get("pattern"),
                   rewards_key=steps.get("rewards_key"), labels_key=steps.get("labels_key"),
@@ -132,6 +146,11 @@ def unmet_need(name: str, config: Any, hook: HookConfig) -> str | None:
         return None if name in hook.row_fields else (
             f"{doc}: have the reward function return {{'score': R, '<key>': int}} and set "
             f"+algorithm.creditlab_row_fields={{{name}: <key>}}")
+    if name in TURN_FIELDS:
+        return None if name in hook.row_fields else (
+            f"{doc}: have the agent loop (AgentLoopOutput.extra_fields) or the reward function give each response "
+            f"'<key>': [one value per turn] (turns: the runs of 1s in verl's response_mask between tool responses) "
+            f"and set +algorithm.creditlab_row_fields={{{name}: <key>}}")
     return (f"{doc} cannot be produced by creditlab's verl hook; hand it to the estimator from a custom trainer "
             f"with creditlab.integrations.verl.batch_fields({name}=...)")
 
@@ -178,6 +197,14 @@ def signal_fields(names: set[str], response_ids: Tensor, response_mask: Tensor, 
         key = hook.row_fields[name]
         out[name] = torch.tensor([int(_info(infos, b, key, name)) for b in range(len(mask))],
                                  dtype=torch.long, device=response_ids.device)  # [B]
+    if names & {"turn_ids", *TURN_FIELDS}:  # multi-turn: verl's agent loop zeros tool responses in response_mask
+        turns = turn_ids_from_mask(mask)
+        if "turn_ids" in names:
+            out["turn_ids"] = turns
+        for name in sorted(names & set(TURN_FIELDS)):
+            key = hook.row_fields[name]
+            out[name] = turn_values(name, [_info(infos, b, key, name) for b in range(len(mask))], turns,
+                                    source=f"extra info {key!r}", where="response")
     return out
 
 
