@@ -86,6 +86,24 @@ def test_env_rollout_gives_the_estimator_the_environments_turns(tmp_path, warm, 
     assert adv.abs().sum() > 0
 
 
+def test_igpo_gets_the_policys_answer_probabilities_per_turn(tmp_path):
+    # search: the untrained policy's episodes all score the same, but the information gain of each turn differs
+    env = EnvRollout("search", max_turns=3, action_tokens=6, answer_probs=True)
+    trainer = make_trainer(tmp_path, "igpo", env)
+    trainer.train()
+    (batch, adv), = trainer.calls
+    own, _ = env.last  # the engine's batch with the answer probabilities computed on it
+    T = own.T
+    assert own.answer_probs is not None and torch.allclose(batch.answer_probs, own.answer_probs)
+    want = get_spec("igpo").fn(own.replace(group_ids=torch.arange(B) // G)).advantages
+    torch.testing.assert_close(adv[:, :T], want, atol=1e-5, rtol=1e-5)
+    assert adv.abs().sum() > 0
+    with pytest.raises(ValueError, match="answer_probs=True"):
+        EnvRollout("search").row_fields("igpo")
+    with pytest.raises(ValueError, match="answer_template"):
+        EnvRollout("sokoban", answer_probs=True)
+
+
 def test_turn_fields_are_checked_per_row():
     mask = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]]).bool()
     turns = turn_ids_from_mask(mask)

@@ -20,8 +20,10 @@ environment's tool per episode, capped at `max_stratum`; turns for environments 
 
 The prompts must be ones `dataset()` made (the problem, hence the reset seed, is looked up by the prompt text);
 an unknown prompt is a one-line error. Sampling: the trainer's temperature and top_p, `action_tokens` per turn,
-seeded per call by (seed, global step, process, call count). `answer_probs` (IGPO) is not produced here: pass
-`field_producers={"answer_probs": ...}` (e.g. built on `creditlab.signals.info_gain.answer_probs`).
+seeded per call by (seed, global step, process, call count). With `answer_probs=True` (IGPO; question-answering
+environments such as search) it also returns `answer_probs`: the policy's probability of each problem's gold answer
+before every turn (`creditlab.signals.info_gain.answer_probs`, one teacher-forced forward per turn, as the creditlab
+trainer computes it).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from creditlab.tasks import get_task
 __all__ = ["EnvRollout"]
 
 # RolloutBatch field -> the key of the rollout_func output that carries it (CreditGRPOTrainer's row_fields)
-_ROW_KEYS = {"turn_rewards": "turn_rewards", "anchor_states": "anchor_states", "strata": "strata"}
+_ROW_KEYS = {"turn_rewards": "turn_rewards", "anchor_states": "anchor_states", "strata": "strata",
+             "answer_probs": "answer_probs"}
 
 
 class EnvRollout:
@@ -43,7 +46,7 @@ class EnvRollout:
 
     def __init__(self, task: str | Any, *, task_kwargs: dict[str, Any] | None = None, max_turns: int = 6,
                  action_tokens: int = 16, invalid_penalty: float | None = None, kv_reuse: bool = True,
-                 max_stratum: int = 4, seed: int = 0) -> None:
+                 max_stratum: int = 4, answer_probs: bool = False, seed: int = 0) -> None:
         self.task = get_task(task, **(task_kwargs or {})) if isinstance(task, str) else task
         if not hasattr(self.task, "make_env"):
             raise ValueError(f"EnvRollout needs an environment task (sokoban, frozenlake, search, ...), got "
@@ -51,6 +54,11 @@ class EnvRollout:
         if action_tokens < 1 or max_stratum < 0:
             raise ValueError(f"EnvRollout needs action_tokens >= 1 and max_stratum >= 0, got {action_tokens}, "
                              f"{max_stratum}")
+        self.template = getattr(self.task.make_env(), "answer_template", None) if answer_probs else None
+        if answer_probs and self.template is None:
+            raise ValueError(f"answer_probs=True needs a question-answering environment (one with an "
+                             f"answer_template, e.g. search); {getattr(self.task, 'name', task)!r} has none")
+        self.answer_probs = answer_probs
         self.engine = MultiTurn(max_turns=max_turns, invalid_penalty=invalid_penalty, kv_reuse=kv_reuse)
         self.action_tokens, self.max_stratum, self.seed = action_tokens, max_stratum, seed
         self._problems: dict[str, Any] = {}
@@ -70,7 +78,10 @@ class EnvRollout:
         """CreditGRPOTrainer's `row_fields` for `estimator`: the per-turn and per-row keys this rollout returns."""
         from creditlab.registry import get_spec
 
-        return {f: key for f, key in _ROW_KEYS.items() if f in get_spec(estimator).needs}
+        needs = get_spec(estimator).needs
+        if "answer_probs" in needs and not self.answer_probs:
+            raise ValueError(f"estimator {estimator!r} needs answer_probs: build EnvRollout(..., answer_probs=True)")
+        return {f: key for f, key in _ROW_KEYS.items() if f in needs}
 
     @staticmethod
     def reward(prompts: list[Any], completions: list[Any], episode_return: list[float], **_: Any) -> list[float]:
@@ -95,6 +106,13 @@ class EnvRollout:
         self._calls += 1
         batch, scores = self.engine.run_rows(policy, self.task, [self._problems[p] for p in distinct], expand,
                                              sampling, seed=seed)
+        probs = None
+        if self.answer_probs:
+            from creditlab.signals.info_gain import answer_probs
+
+            answers = [self._problems[distinct[g]].answer for g in expand]
+            probs, _ = answer_probs(policy, batch, answers, template=self.template, temperature=sampling.temperature)
+            batch = batch.replace(answer_probs=probs)
         self.last = (batch, scores)
         from creditlab.signals.strata import strata_by_tool_calls
 
@@ -115,4 +133,6 @@ class EnvRollout:
             out["turn_rewards"].append(batch.turn_rewards[b, :k].tolist())
             out["anchor_states"].append(batch.anchor_states[b, :k].tolist())
             out["strata"].append(int(strata[b]))
+            if probs is not None:
+                out.setdefault("answer_probs", []).append(probs[b, :k].tolist())
         return out
