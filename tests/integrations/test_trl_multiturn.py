@@ -13,7 +13,7 @@ pytest.importorskip("trl", reason="trl is not installed (make test-trl builds .v
 import torch
 from trl import GRPOConfig
 
-from creditlab.integrations._signals import turn_ids_from_mask, turn_values
+from creditlab.integrations._signals import turn_ids_from_mask
 from creditlab.integrations.trl import CreditGRPOTrainer
 from creditlab.integrations.trl_agents import EnvRollout
 from creditlab.policy import load_policy
@@ -102,20 +102,6 @@ def test_igpo_gets_the_policys_answer_probabilities_per_turn(tmp_path):
         EnvRollout("search").row_fields("igpo")
     with pytest.raises(ValueError, match="answer_template"):
         EnvRollout("sokoban", answer_probs=True)
-
-
-def test_turn_fields_are_checked_per_row():
-    mask = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]]).bool()
-    turns = turn_ids_from_mask(mask)
-    assert turns.tolist() == [[0, 0, -1, 1, -1], [0, -1, -1, -1, -1]]
-    got = turn_values("turn_rewards", [[0.5, 1.0], [2.0]], turns, source="row_fields['turn_rewards']")
-    assert got.tolist() == [[0.5, 1.0], [2.0, 0.0]]
-    with pytest.raises(ValueError, match="row 1, which has 1 turn"):
-        turn_values("turn_rewards", [[0.5, 1.0], [2.0, 3.0]], turns, source="row_fields['turn_rewards']")
-    with pytest.raises(ValueError, match="finite"):
-        turn_values("turn_rewards", [[0.5, float("inf")], [2.0]], turns, source="x")
-    states = turn_values("anchor_states", [["s0", "s1"], [7]], turns, source="x")
-    assert states[0, 0] != states[0, 1] and states[1, 0] == 7
 
 
 def test_env_rollout_refuses_prompts_it_did_not_make_and_non_environment_tasks(tmp_path):

@@ -35,7 +35,8 @@ def turn_values(name: str, values: Sequence[Any], turn_ids: Tensor, *, source: s
     """[B,N] per-turn field `name` from one list per row with one value per turn of that row (its turns in
     `turn_ids`); N = the most turns in the batch, padding 0 (the field's convention). anchor_states take ints or
     state keys (strings, hashed by `envs.base.state_hash`, as creditlab's environments do); the floats must be
-    finite. A count that does not match the row's turns is an error naming the row."""
+    finite. A count that does not match the row's turns is an error naming the row; a row with no turn left in
+    its mask (TRL's mask_truncated_completions zeroes a truncated completion's) takes zeros whatever it was given."""
     from creditlab.envs.base import state_hash
 
     counts = (turn_ids.max(dim=1).values + 1).clamp(min=0).tolist() if turn_ids.numel() else [0] * len(values)
@@ -45,6 +46,8 @@ def turn_values(name: str, values: Sequence[Any], turn_ids: Tensor, *, source: s
     is_long = FIELDS[name].kind == "long"
     out = torch.zeros((len(counts), max([*counts, 1])), dtype=torch.long if is_long else torch.float32)
     for b, (row, n) in enumerate(zip(values, counts)):
+        if n == 0:
+            continue
         row = list(row) if hasattr(row, "__len__") and not isinstance(row, (str, bytes, dict)) else row
         if not isinstance(row, list) or len(row) != n:
             got = f"{len(row)} values" if isinstance(row, list) else repr(row)
