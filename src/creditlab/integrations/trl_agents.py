@@ -90,6 +90,8 @@ class EnvRollout:
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
         from creditlab.policy import Policy
+        from creditlab.signals.info_gain import answer_probs
+        from creditlab.signals.strata import strata_by_tool_calls
 
         unknown = [p for p in prompts if not isinstance(p, str) or p not in self._problems]
         if unknown:
@@ -108,14 +110,10 @@ class EnvRollout:
                                              sampling, seed=seed)
         probs = None
         if self.answer_probs:
-            from creditlab.signals.info_gain import answer_probs
-
             answers = [self._problems[distinct[g]].answer for g in expand]
             probs, _ = answer_probs(policy, batch, answers, template=self.template, temperature=sampling.temperature)
             batch = batch.replace(answer_probs=probs)
         self.last = (batch, scores)
-        from creditlab.signals.strata import strata_by_tool_calls
-
         strata = strata_by_tool_calls(scores, getattr(self.task.make_env(), "stratum_tool", None),
                                       max_stratum=self.max_stratum).tolist()  # as the creditlab trainer's
         out: dict[str, list[Any]] = {k: [] for k in ("prompt_ids", "completion_ids", "logprobs", "env_mask",
