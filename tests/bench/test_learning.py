@@ -129,3 +129,8 @@ def test_committed_results_rebuild_the_report_and_skip_finished_runs(tmp_path, c
     assert capsys.readouterr().out.count("skipped (committed results)") == 2 and not (tmp_path / "b" / "runs").exists()
     (results / "report.md").unlink()
     assert main([*fresh, "--report-only"]) == 0 and "| rloo |" in (results / "report.md").read_text()
+    # runs recorded by separate invocations: --report-only reports the estimators asked for, not only the last's
+    only = ["bench", "--preset", "micro", "--estimators", "rloo", "--steps", "1", "--out", str(tmp_path / "c"),
+            "--results", str(results)]
+    assert main(only) == 0 and "| grpo |" not in (results / "report.md").read_text()
+    assert main([*fresh, "--report-only"]) == 0 and "| grpo | - | 1 |" in (results / "report.md").read_text()

@@ -388,9 +388,9 @@ def run_bench(p: Preset, out: str | Path, *, policy: str = "", progress: bool = 
     if unknown:
         raise KeyError(f"unknown bench task(s) {unknown}; bench tasks: {sorted(tasks)}")
     env_path = res / "env.json"
-    if report_only and env_path.exists():  # report what the runs were recorded with
+    if report_only and env_path.exists():  # report what the runs were recorded with (or the estimators asked for)
         env = json.loads(env_path.read_text())
-        names, skipped = env["settings"]["estimators"], env.get("skipped", {})
+        names, skipped = list(p.estimators) or env["settings"]["estimators"], env.get("skipped", {})
     else:
         names, skipped = _checked_estimators(p, tasks)
         env = environment(device) | {"preset": preset_name, "settings": asdict(p) | {"estimators": names},
