@@ -57,7 +57,11 @@ def turn_values(name: str, values: Sequence[Any], turn_ids: Tensor, *, source: s
             if is_long:
                 out[b, k] = state_hash(v) if isinstance(v, str) else _integer(v, source, b, name)
             else:
-                out[b, k] = _finite(v, source, b, name)
+                x = _finite(v)
+                if x is None:
+                    raise ValueError(f"{source} gave {v!r} in row {b}; RolloutBatch.{name} values must be finite "
+                                     "numbers")
+                out[b, k] = x
     return out.to(turn_ids.device)
 
 
@@ -65,16 +69,6 @@ def _integer(v: Any, source: str, b: int, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v != int(v):
         raise ValueError(f"{source} gave {v!r} in row {b}; RolloutBatch.{name} takes integers or state strings")
     return int(v)
-
-
-def _finite(v: Any, source: str, b: int, name: str) -> float:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        x = math.nan
-    if not math.isfinite(x):
-        raise ValueError(f"{source} gave {v!r} in row {b}; RolloutBatch.{name} values must be finite numbers")
-    return x
 
 
 def segment(response_ids: Tensor, response_mask: Tensor, tokenizer: Any, segmenter: Segmenter) -> Segmentation:
@@ -117,12 +111,18 @@ def _per_step(values: Sequence[Any], seg: Segmentation, *, source: str, where: s
     return out
 
 
-def _score(v: Any, source: str, b: int, where: str) -> float:
+def _finite(v: Any) -> float | None:
+    """`v` as a finite float, or None (not a number, nan or inf): step scores and per-turn floats alike."""
     try:
         x = float(v)
     except (TypeError, ValueError):
-        x = math.nan
-    if not math.isfinite(x):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _score(v: Any, source: str, b: int, where: str) -> float:
+    x = _finite(v)
+    if x is None:
         raise ValueError(f"{source} gave the step score {v!r} for {where} {b}; step scores must be finite numbers")
     return x
 
