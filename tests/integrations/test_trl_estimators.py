@@ -145,17 +145,9 @@ def make_args(tmp_path, **overrides) -> GRPOConfig:
 
 def trainer_for(tmp_path, tok, data, reward=w.reward, args=None, **kwargs) -> CreditGRPOTrainer:
     """A trainer whose estimator calls are recorded in `trainer.calls` as (batch, advantages)."""
-    trainer = CreditGRPOTrainer(model=w.model(tok), reward_funcs=reward, args=args or make_args(tmp_path),
-                                train_dataset=data, processing_class=tok, rollout_func=rollout, **kwargs)
-    trainer.calls, inner = [], trainer._estimator
-
-    def recorded(batch, **kw):
-        credit = inner(batch, **kw)
-        trainer.calls.append((batch, credit.advantages))
-        return credit
-
-    trainer._estimator = recorded
-    return trainer
+    return w.record_estimator_calls(CreditGRPOTrainer(
+        model=w.model(tok), reward_funcs=reward, args=args or make_args(tmp_path), train_dataset=data,
+        processing_class=tok, rollout_func=rollout, **kwargs))
 
 
 def trl_advantages(monkeypatch) -> list:

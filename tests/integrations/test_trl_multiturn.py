@@ -10,6 +10,9 @@ import pytest
 
 pytest.importorskip("trl", reason="trl is not installed (make test-trl builds .venv-trl)")
 
+import sys
+from pathlib import Path
+
 import torch
 from trl import GRPOConfig
 
@@ -18,6 +21,9 @@ from creditlab.integrations.trl import CreditGRPOTrainer
 from creditlab.integrations.trl_agents import EnvRollout
 from creditlab.policy import load_policy
 from creditlab.registry import get_spec
+
+sys.path.insert(0, str(Path(__file__).parent))
+import trl_mp_worker as w
 
 G, B = 4, 8
 
@@ -39,18 +45,10 @@ def make_trainer(tmp_path, estimator, env, policy="tiny", **kwargs):
                       max_completion_length=64, max_steps=1, learning_rate=1e-3, logging_steps=1, report_to="none",
                       save_strategy="no", beta=0.0, seed=0, bf16=False, fp16=False, dataloader_num_workers=0,
                       disable_tqdm=True)
-    trainer = CreditGRPOTrainer(model=policy.model, processing_class=policy.tokenizer, args=args,
-                                train_dataset=env.dataset(8, seed=0), reward_funcs=env.reward, rollout_func=env,
-                                estimator=estimator, row_fields=env.row_fields(estimator), **kwargs)
-    trainer.calls, inner = [], trainer._estimator
-
-    def recorded(batch, **kw):
-        credit = inner(batch, **kw)
-        trainer.calls.append((batch, credit.advantages))
-        return credit
-
-    trainer._estimator = recorded
-    return trainer
+    return w.record_estimator_calls(CreditGRPOTrainer(
+        model=policy.model, processing_class=policy.tokenizer, args=args, train_dataset=env.dataset(8, seed=0),
+        reward_funcs=env.reward, rollout_func=env, estimator=estimator, row_fields=env.row_fields(estimator),
+        **kwargs))
 
 
 @pytest.mark.parametrize("estimator", ["gigpo", "mt_grpo", "stratified"])

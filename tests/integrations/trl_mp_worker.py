@@ -39,6 +39,19 @@ def model(tok) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
+def record_estimator_calls(trainer):
+    """Wrap `trainer._estimator` so each call is kept in `trainer.calls` as (batch, advantages); returns trainer."""
+    trainer.calls, inner = [], trainer._estimator
+
+    def recorded(batch, **kw):
+        credit = inner(batch, **kw)
+        trainer.calls.append((batch, credit.advantages))
+        return credit
+
+    trainer._estimator = recorded
+    return trainer
+
+
 def completion_words(rank: int, j: int) -> list[str]:
     """Row j of process `rank`: shared prefix "a b", then a row-dependent tail; 2-4 or 6-8 words."""
     n = (2 + j % 3) if rank == 0 else (6 + j % 3)
