@@ -3,9 +3,10 @@
     # GiGPO vs GRPO vs MT-GRPO on Sokoban, tiny policy warm-started on BFS solutions (CPU, ~minutes per run)
     PYTHONPATH=src python benchmarks/agents_learning.py --task sokoban --estimators gigpo,grpo,mt_grpo --seeds 3 \\
         --steps 60 --policy tiny --sft-steps 400 --out runs/agents-sokoban
-    # Stratified GRPO vs GRPO on the search task with SmolLM2 (instruction-following is needed to call the tool)
-    PYTHONPATH=src python benchmarks/agents_learning.py --task search --estimators stratified,grpo --seeds 3 \\
-        --steps 40 --policy smollm2 --lr 1e-6 --max-new-tokens 24 --out runs/agents-search
+    # Stratified GRPO vs GRPO on the search task, SmolLM2 warm-started on the search demonstrator's episodes
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/agents_learning.py --task search --estimators stratified,grpo \\
+        --seeds 3 --steps 6 --policy smollm2 --sft-steps 20 --sft-batch 8 --sft-lr 3e-5 --lr 1e-5 --prompts 4 \\
+        --group 8 --turns 5 --max-new-tokens 24 --eval-every 6 --eval-problems 32 --out runs/agents-search
 
 Every run is an ordinary trainer run (runs/<out>/<estimator>/seed<k>/, with its config.json); a finished run is
 skipped when the command is repeated. The report (report.md, curves.png) gives, per estimator, the training success
@@ -42,8 +43,8 @@ def warm_start(args: argparse.Namespace, out: Path) -> str:
     target = out / "warmstart"
     if not (target / "config.json").exists():
         sft(SFTConfig(task=args.task, task_kwargs=args.task_kwargs, policy=args.policy, out_dir=str(target),
-                      steps=args.sft_steps, batch_size=32, lr=args.sft_lr, eval_problems=64,
-                      max_new_tokens=args.max_new_tokens * 2))
+                      steps=args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr, eval_problems=64,
+                      max_new_tokens=args.max_new_tokens * 2, max_turns=args.turns))
     return str(target)
 
 
@@ -126,6 +127,7 @@ def main() -> None:
     p.add_argument("--policy", default="tiny")
     p.add_argument("--sft-steps", type=int, default=400, help="warm-start on the task's demonstrations (0: none)")
     p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("--sft-batch", type=int, default=32, help="demonstrations per warm-start step")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)

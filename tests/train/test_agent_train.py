@@ -90,3 +90,29 @@ def test_smollm2_one_step_on_sokoban(tmp_path, estimator):
             "--eval-problems", "2", "--train-pool", "8", "--no-tensorboard", "--no-progress", "--out-dir", str(out)]
     assert main(["train", *args]) == 0
     assert rows(out)[-1]["step"] == 1
+
+
+def test_sft_on_an_environment_with_a_demonstrator_imitates_episodes_actions_only(tmp_path, monkeypatch):
+    """`creditlab sft --task search`: the rows are the demonstrator's whole episodes (observations inside the row,
+    outside the loss mask) and the final accuracy is the greedy episodes' success rate."""
+    import creditlab.train.sft as sft_mod
+    from creditlab.rollout.multiturn import MultiTurn
+
+    seen, evaluated = [], []
+    real_logprobs, real_eval = sft_mod.sequence_logprobs, MultiTurn.evaluate
+    monkeypatch.setattr(sft_mod, "sequence_logprobs",
+                        lambda model, *t, **k: seen.append(t) or real_logprobs(model, *t, **k))
+    monkeypatch.setattr(MultiTurn, "evaluate",
+                        lambda self, *a, **k: evaluated.append(self.max_turns) or real_eval(self, *a, **k))
+    out = tmp_path / "sft"
+    assert main(["sft", "--task", "search", "--policy", "tiny", "--steps", "2", "--batch-size", "3", "--lr", "1e-3",
+                 "--eval-problems", "2", "--max-new-tokens", "4", "--max-turns", "4", "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "sft_summary.json").read_text())
+    assert summary["steps"] == 2 and 0.0 <= summary["accuracy"] <= 1.0 and evaluated == [4]
+    assert len(seen) == 2
+    tok = sft_mod.load_policy("tiny").tokenizer
+    for _, _, response_ids, response_mask in seen:
+        for ids, mask in zip(response_ids, response_mask):
+            text = tok.decode(ids[mask])
+            assert text.count("search: ") + text.count("answer: ") >= 2  # actions are imitated ...
+            assert "Results:" not in text and "Results:" in tok.decode(ids)  # ... observations are only attended

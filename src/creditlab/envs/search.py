@@ -15,6 +15,10 @@ is added to a search whose results contain a document of the question's gold cha
 before (a verifiable turn-level reward, as MT-GRPO's "search result contains the answer").
 
 Stratified GRPO's strata are the number of search calls per episode (``info["tool"] == "search"``).
+
+``expert_action()`` is a demonstrator for multi-turn warm starts (`creditlab sft --task search`): it searches the
+name of the first document of the question's chain it has not retrieved yet (a name that appears in the question or
+in an earlier result), then answers. It solves every question of the default world in hops + 1 turns (tested).
 """
 
 from __future__ import annotations
@@ -172,6 +176,7 @@ class SearchQA:
         if top_k < 1 or reward not in ("em", "f1"):
             raise ValueError(f"search needs top_k >= 1 and reward in ('em', 'f1'), got {top_k}, {reward!r}")
         self.world, self.index = _cached(kb_seed, people, cities, countries, companies)
+        self._name_of = {doc: name for name, doc in self.world.doc_of.items()}
         self.top_k, self.reward_kind, self.retrieval_reward = top_k, reward, float(retrieval_reward)
         self.invalid_penalty = check_penalty(invalid_penalty)
         self.question, self.answer, self.chain, self.hops = "", "", (), 0
@@ -213,6 +218,13 @@ class SearchQA:
         text = "\n".join(f"- {self.world.docs[i]}" for i in ids) if ids else "No results."
         return StepResult(f"Results:\n{text}", self.retrieval_reward * new_gold, False,
                           {"valid": True, "success": False, "tool": "search"})
+
+    def expert_action(self) -> str:
+        """The demonstrator's next action from the current state (see the module docstring)."""
+        missing = next((doc for doc in self.chain if doc not in self.seen), None)
+        if missing is None:
+            return self.answer_template.format(answer=self.answer)
+        return f"search: {self._name_of[missing]}"
 
     def state_key(self) -> str:
         return "results:" + ",".join(map(str, self.last)) if self.last else "start"

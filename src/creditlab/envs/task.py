@@ -71,6 +71,30 @@ class EnvTask:
                 break
         return Score(reward=total, correct=success)
 
+    @property
+    def has_expert(self) -> bool:
+        """The environment has a demonstrator (``expert_action()``): `creditlab sft` then imitates whole episodes."""
+        return callable(getattr(self.make_env(), "expert_action", None))
+
+    def expert_turns(self, problem: Problem, max_turns: int) -> list[tuple[str, str]]:
+        """The demonstrator's episode on ``problem``, closed-loop: ``(action, observation)`` per turn, the last
+        observation ``""`` (the rollout shows no observation after the last action). Raises if it does not
+        solve the problem within ``max_turns``: a warm start never imitates a failed episode."""
+        env = self.make_env()
+        env.reset(problem.meta["env_seed"])
+        turns: list[tuple[str, str]] = []
+        for _ in range(max_turns):
+            action = env.expert_action()
+            obs, _, done, info = env.step(action)
+            turns.append((action, obs))
+            if done:
+                if info.get("success"):
+                    turns[-1] = (action, "")
+                    return turns
+                break
+        raise ValueError(f"{self.name}: the demonstrator does not solve env seed {problem.meta['env_seed']} in "
+                         f"{max_turns} turns (raise --max-turns)")
+
     def demonstration(self, problem: Problem) -> str:
         """A shortest solution, one move per line (environments that know one, e.g. sokoban)."""
         env = self.make_env()

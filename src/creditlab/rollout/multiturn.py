@@ -202,6 +202,28 @@ def run_episodes(policy: Any, envs: list[Any], seeds: list[int], prompts: list[s
     return eps
 
 
+def demonstration_rows(policy: Any, turns: list[list[tuple[str, str]]]) -> tuple[Tensor, Tensor]:
+    """Demonstrated episodes (`EnvTask.expert_turns`) as rollout rows: ``response_ids`` [B, T] = action_0 + stop |
+    obs_1 | action_1 + stop | ... (observations in the same chat format as `run_episodes`), right-padded, and
+    ``response_mask`` True on action tokens (each through its stop token): what a multi-turn warm start imitates."""
+    tok = policy.tokenizer
+    fmt = ObservationFormatter(tok)
+    rows: list[tuple[list[int], list[bool]]] = []
+    for episode in turns:
+        ids: list[int] = []
+        is_action: list[bool] = []
+        for action, obs in episode:
+            a = tok(action, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            o = fmt.ids(obs) if obs else []
+            ids += a + o
+            is_action += [True] * len(a) + [False] * len(o)
+        rows.append((ids, is_action))
+    T = max(len(ids) for ids, _ in rows)
+    response_ids = torch.tensor([ids + [tok.pad_token_id] * (T - len(ids)) for ids, _ in rows])
+    response_mask = torch.tensor([m + [False] * (T - len(m)) for _, m in rows])
+    return response_ids, response_mask
+
+
 def _take_turn(ep: _Episode, toks: list[int], stats: list[list[float]], turn: int, tok: Any) -> str:
     """Record action ``toks`` of episode ``ep`` as turn ``turn``, step its environment; returns the observation."""
     ep.anchors.append(state_hash(ep.env.state_key()))

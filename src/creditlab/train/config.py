@@ -331,14 +331,15 @@ class SFTConfig:
     batch_size: int = 32  # demonstrations per step
     lr: float = 3e-3  # AdamW learning rate (high: the tiny model starts from scratch)
     eval_problems: int = 128  # held-out problems for the greedy accuracy printed at the end
-    max_new_tokens: int = 64  # generation limit for the final evaluation
+    max_new_tokens: int = 64  # generation limit for the final evaluation (per action for environment tasks)
+    max_turns: int = 6  # environment tasks with a demonstrator: turn limit of its episodes and of the evaluation
 
     def task_kwargs_dict(self) -> dict[str, Any]:
         return _json_dict(self.task_kwargs, "--task-kwargs")
 
     def validate(self) -> None:
         check_fields(self)
-        at_least(self, steps=1, batch_size=1, eval_problems=1, max_new_tokens=1)
+        at_least(self, steps=1, batch_size=1, eval_problems=1, max_new_tokens=1, max_turns=1)
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         from creditlab.train import checks

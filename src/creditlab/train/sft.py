@@ -1,5 +1,10 @@
 """Supervised warm-start (`creditlab sft`): imitate a task's demonstrations so RL starts from a policy that is
-right sometimes. Cross-entropy on response tokens only (token-mean), AdamW, seeded."""
+right sometimes. Cross-entropy on response tokens only (token-mean), AdamW, seeded.
+
+Environment tasks with a demonstrator (`EnvTask.has_expert`, e.g. `search`) imitate whole episodes: the rows are
+laid out as the multi-turn rollout lays out sampled episodes (`rollout.multiturn.demonstration_rows`), the loss is
+on action tokens only (observations are attended, not imitated), and the final accuracy is the greedy episodes'
+success rate with ``max_turns`` turns."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 
 from creditlab.policy import Policy, load_policy
 from creditlab.rollout.hf import sequence_logprobs
+from creditlab.rollout.multiturn import MultiTurn, demonstration_rows
 from creditlab.tasks import get_task
 from creditlab.train.checks import one_line
 from creditlab.train.config import SFTConfig
@@ -57,11 +63,16 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     losses = []
+    episodes = bool(getattr(task, "has_expert", False))  # an environment with a demonstrator: imitate episodes
     for _ in range(cfg.steps):
         policy.model.train()
         probs = [pool[i] for i in torch.randint(len(pool), (cfg.batch_size,), generator=gen).tolist()]
-        tensors = encode_pairs(policy, [policy.format_prompt(p.prompt) for p in probs],
-                               [task.demonstration(p) for p in probs])
+        prompts = [policy.format_prompt(p.prompt) for p in probs]
+        if episodes:
+            tensors = (*policy.encode_prompts(prompts),
+                       *demonstration_rows(policy, [task.expert_turns(p, cfg.max_turns) for p in probs]))
+        else:
+            tensors = encode_pairs(policy, prompts, [task.demonstration(p) for p in probs])
         logp, _ = sequence_logprobs(policy.model, *tensors)
         loss = -aggregate(logp, tensors[3], "token-mean")
         optim.zero_grad(set_to_none=True)
@@ -70,7 +81,10 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         optim.step()
         sched.step()
         losses.append(float(loss.detach()))
-    accuracy = evaluate(policy, task, held_out, max_new_tokens=cfg.max_new_tokens)
+    if episodes:  # greedy episodes in the environment, as the trainer evaluates environment tasks
+        accuracy = MultiTurn(max_turns=cfg.max_turns).evaluate(policy, task, held_out, cfg)
+    else:
+        accuracy = evaluate(policy, task, held_out, max_new_tokens=cfg.max_new_tokens)
     out.mkdir(parents=True, exist_ok=True)
     policy.model.save_pretrained(out)
     policy.tokenizer.save_pretrained(out)
