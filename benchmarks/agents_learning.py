@@ -6,7 +6,8 @@
     # Stratified GRPO vs GRPO on the search task, SmolLM2 warm-started on the search demonstrator's episodes
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/agents_learning.py --task search --estimators stratified,grpo \\
         --seeds 3 --steps 6 --policy smollm2 --sft-steps 20 --sft-batch 8 --sft-lr 3e-5 --lr 1e-5 --prompts 4 \\
-        --group 8 --turns 5 --max-new-tokens 24 --eval-every 6 --eval-problems 32 --out runs/agents-search
+        --group 8 --turns 5 --max-new-tokens 24 --eval-every 6 --eval-problems 32 --micro-batch-rows 8 \\
+        --out runs/agents-search
 
 Every run is an ordinary trainer run (runs/<out>/<estimator>/seed<k>/, with its config.json); a finished run is
 skipped when the command is repeated. The report (report.md, curves.png) gives, per estimator, the training success
@@ -61,7 +62,8 @@ def run_one(args: argparse.Namespace, policy: str, estimator: str, seed: int, ou
         run=RunConfig(task=args.task, task_kwargs=args.task_kwargs, policy=policy, estimator=estimator, seed=seed,
                       steps=args.steps, out_dir=str(run_dir), resume=(run_dir / "latest").exists(), train_pool=1024),
         rollout=RolloutConfig(prompts_per_step=args.prompts, group_size=args.group, max_new_tokens=args.max_new_tokens),
-        optim=OptimConfig(lr=args.lr), eval=EvalConfig(eval_every=args.eval_every, eval_problems=args.eval_problems),
+        optim=OptimConfig(lr=args.lr, micro_batch_rows=args.micro_batch_rows),
+        eval=EvalConfig(eval_every=args.eval_every, eval_problems=args.eval_problems),
         log=LogConfig(checkpoint_every=10, tensorboard=False, progress=False, sample_every=0),
         agent=AgentConfig(agent_max_turns=args.turns))
     train(cfg)
@@ -75,16 +77,23 @@ def _ms(xs: list[float]) -> str:
 def report(args: argparse.Namespace, results: dict[str, list[list[dict]]], out: Path) -> str:
     lines = [f"# {args.task}: {', '.join(results)} ({args.seeds} seeds, {args.steps} steps, policy {args.policy}"
              f"{f' + {args.sft_steps} SFT steps' if args.sft_steps else ''})", "",
-             "| estimator | train success (last 10 steps) | final greedy success | anchor repeat | step-group size |",
-             "|---|---|---|---|---|"]
+             "| estimator | train success (last 10 steps) | initial greedy success | final greedy success "
+             "| turns / episode | tool calls / episode | anchor repeat | step-group size |",
+             "|---|---|---|---|---|---|---|---|"]
     summary = {}
     for est, runs in results.items():
         train = [statistics.mean(r.get("agent/success", 0.0) for r in rows[1:][-10:]) for rows in runs]
+        initial = [rows[0].get("eval/accuracy", 0.0) for rows in runs]
         final = [rows[-1].get("eval/accuracy", 0.0) for rows in runs]
+        turns = [statistics.mean(r.get("agent/turns", 0.0) for r in rows[1:]) for rows in runs]
+        calls = [statistics.mean(sum(v for k, v in r.items() if k.startswith("agent/calls_") and k not in
+                                     ("agent/calls_invalid", "agent/calls_answer", "agent/calls_move"))
+                                 for r in rows[1:]) for rows in runs]
         rep = [statistics.mean(r.get("agent/anchor_repeat_frac", 0.0) for r in rows[1:]) for rows in runs]
         size = [statistics.mean(r.get("agent/anchor_group_size", 0.0) for r in rows[1:]) for rows in runs]
         summary[est] = (train, final)
-        lines.append(f"| {est} | {_ms(train)} | {_ms(final)} | {_ms(rep)} | {_ms(size)} |")
+        lines.append(f"| {est} | {_ms(train)} | {_ms(initial)} | {_ms(final)} | {_ms(turns)} | {_ms(calls)} | "
+                     f"{_ms(rep)} | {_ms(size)} |")
     ests = list(summary)
     if len(ests) >= 2:
         base = "grpo" if "grpo" in ests else ests[-1]
@@ -93,6 +102,8 @@ def report(args: argparse.Namespace, results: dict[str, list[list[dict]]], out: 
             noise = max(statistics.stdev(summary[e][0]) if len(summary[e][0]) > 1 else 0.0 for e in (est, base))
             verdict = "within noise" if abs(d) <= noise else "larger than the seeds' std"
             lines.append(f"\n{est} - {base}: train success {d:+.3f} ({verdict}, seed std {noise:.3f})")
+            per_seed = [f"{a - b:+.3f}" for a, b in zip(summary[est][1], summary[base][1])]
+            lines.append(f"{est} - {base}: final greedy success per seed {', '.join(per_seed)}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines.append(f"\ncommit {commit}; command: python benchmarks/agents_learning.py {' '.join(args.argv)}")
     return "\n".join(lines)
@@ -133,6 +144,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--micro-batch-rows", type=int, default=0, help="rows per forward/backward (0: all at once)")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-problems", type=int, default=64)
     p.add_argument("--out", default="runs/agents-learning")

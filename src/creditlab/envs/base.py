@@ -18,6 +18,9 @@ Every environment answers:
     and (for question-answering environments) the action text that answers with ``answer`` (IGPO scores it).
 
 Stepping after ``done`` is an invalid action too (observation says so, no exception).
+
+Optional: ``expert_action() -> str``, a demonstrator's next action from the current state (``search`` has one);
+`creditlab sft` then warm-starts on its whole episodes (`EnvTask.expert_turns`, `rollout.multiturn.demonstration_rows`).
 """
 
 from __future__ import annotations
