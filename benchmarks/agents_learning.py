@@ -5,7 +5,7 @@
         --steps 60 --policy tiny --sft-steps 400 --out runs/agents-sokoban
     # Stratified GRPO vs GRPO on the search task, SmolLM2 warm-started on the search demonstrator's episodes
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/agents_learning.py --task search --estimators stratified,grpo \\
-        --seeds 3 --steps 6 --policy smollm2 --sft-steps 20 --sft-batch 8 --sft-lr 3e-5 --lr 1e-5 --prompts 4 \\
+        --seeds 3 --steps 12 --policy smollm2 --sft-steps 20 --sft-batch 8 --sft-lr 3e-5 --lr 1e-5 --prompts 4 \\
         --group 8 --turns 5 --max-new-tokens 24 --eval-every 6 --eval-problems 32 --micro-batch-rows 8 \\
         --out runs/agents-search
 
@@ -24,6 +24,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from creditlab.tasks import get_task
 from creditlab.train.config import (
     AgentConfig,
     EvalConfig,
@@ -81,19 +82,19 @@ def report(args: argparse.Namespace, results: dict[str, list[list[dict]]], out: 
              "| turns / episode | tool calls / episode | anchor repeat | step-group size |",
              "|---|---|---|---|---|---|---|---|"]
     summary = {}
+    # the tool whose calls are Stratified GRPO's strata (search: "search"); grid envs have none
+    tool = getattr(get_task(args.task, **json.loads(args.task_kwargs)).make_env(), "stratum_tool", None)
     for est, runs in results.items():
         train = [statistics.mean(r.get("agent/success", 0.0) for r in rows[1:][-10:]) for rows in runs]
         initial = [rows[0].get("eval/accuracy", 0.0) for rows in runs]
         final = [rows[-1].get("eval/accuracy", 0.0) for rows in runs]
         turns = [statistics.mean(r.get("agent/turns", 0.0) for r in rows[1:]) for rows in runs]
-        calls = [statistics.mean(sum(v for k, v in r.items() if k.startswith("agent/calls_") and k not in
-                                     ("agent/calls_invalid", "agent/calls_answer", "agent/calls_move"))
-                                 for r in rows[1:]) for rows in runs]
+        calls = [statistics.mean(r.get(f"agent/calls_{tool}", 0.0) for r in rows[1:]) for rows in runs]
         rep = [statistics.mean(r.get("agent/anchor_repeat_frac", 0.0) for r in rows[1:]) for rows in runs]
         size = [statistics.mean(r.get("agent/anchor_group_size", 0.0) for r in rows[1:]) for rows in runs]
         summary[est] = (train, final)
-        lines.append(f"| {est} | {_ms(train)} | {_ms(initial)} | {_ms(final)} | {_ms(turns)} | {_ms(calls)} | "
-                     f"{_ms(rep)} | {_ms(size)} |")
+        lines.append(f"| {est} | {_ms(train)} | {_ms(initial)} | {_ms(final)} | {_ms(turns)} | "
+                     f"{_ms(calls) if tool else '—'} | {_ms(rep)} | {_ms(size)} |")
     ests = list(summary)
     if len(ests) >= 2:
         base = "grpo" if "grpo" in ests else ests[-1]
