@@ -1,4 +1,5 @@
-"""The chunked LM-head path of `sequence_logprobs` against the full-logits path: values, gradients, memory, hidden."""
+"""The chunked LM-head path of `sequence_logprobs` against the full-logits path: values, gradients, memory, hidden;
+and its response-length buckets against one full-width forward."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from creditlab.policy import Policy, load_policy
 from creditlab.rollout.head import head_logprobs
-from creditlab.rollout.hf import SamplingConfig, generate, sequence_logprobs, split_head
+from creditlab.rollout.hf import SamplingConfig, generate, length_bucket_rows, sequence_logprobs, split_head
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +107,16 @@ def test_return_hidden_is_the_state_before_each_response_token(tiny, ragged, sha
         out = tiny.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                          output_hidden_states=True)
         want = out.hidden_states[-1][:, -T - 1:-1]  # [B, T, D] the state at the position predicting token t
-        assert torch.allclose(hidden, want, atol=1e-5)
+        valid = torch.arange(1, T + 1) <= (response_mask * torch.arange(1, T + 1)).amax(1, keepdim=True)  # [B, T]
+        assert torch.allclose(hidden[valid], want[valid], atol=1e-5)  # past a row's last token: its bucket's zeros
+        _, _, unbucketed = sequence_logprobs(tiny.model, *ragged, share_prompts=share, return_hidden=True,
+                                             length_buckets=1)
+        assert torch.allclose(unbucketed, want, atol=1e-5)  # one full-width forward: every position
         from_hidden = torch.log_softmax(tiny.model.lm_head(hidden).float(), -1)
         from_hidden = from_hidden.gather(-1, response_ids[..., None]).squeeze(-1) * response_mask
         assert torch.allclose(from_hidden, logp, atol=1e-5)
         _, _, full_hidden = sequence_logprobs(tiny.model, *ragged, full_logits=True, return_hidden=True)
-        assert torch.allclose(full_hidden, want, atol=1e-5)
+        assert torch.allclose(full_hidden[valid], want[valid], atol=1e-5)
 
 
 def test_head_logprobs_rejects_a_bad_chunk_and_handles_an_empty_mask():
@@ -121,3 +126,52 @@ def test_head_logprobs_rejects_a_bad_chunk_and_handles_an_empty_mask():
         head_logprobs(hidden, head, tokens, torch.ones(2, 3, dtype=torch.bool), chunk_logits=0)
     logp, ent = head_logprobs(hidden, head, tokens, torch.zeros(2, 3, dtype=torch.bool), with_entropy=True)
     assert torch.equal(logp, torch.zeros(2, 3)) and torch.equal(ent, torch.zeros(2, 3))
+
+
+def test_length_bucket_rows_hand_case():
+    # widths = position after the last valid token: 1, 5, 2, 8 (row 1 has a hole: a masked observation at 2-3)
+    mask = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 1, 0, 0, 0],
+                         [1, 1, 0, 0, 0, 0, 0, 0],
+                         [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    buckets = length_bucket_rows(mask, 2)  # sorted rows 0, 2 | 1, 3: 2 x 2 + 2 x 8 = 20 of 32 positions
+    assert [(r.tolist(), w) for r, w in buckets] == [([0, 2], 2), ([1, 3], 8)]
+    assert [(r.tolist(), w) for r, w in length_bucket_rows(mask, 4)] == [([0], 1), ([2], 2), ([1], 5), ([3], 8)]
+    full = [(r.tolist(), w) for r, w in length_bucket_rows(mask, 1)]
+    assert full == [([0, 1, 2, 3], 8)]
+    # saving below 10 %: widths 8, 8, 8, 7 -> 2 x 8 + 2 x 8 = 32 of 32 positions; one full-width bucket
+    dense = torch.ones(4, 8, dtype=torch.bool)
+    dense[3, 7] = False
+    assert [(r.tolist(), w) for r, w in length_bucket_rows(dense, 2)] == full
+    # an all-masked row still gets width 1 (a forward always runs, so the graph exists)
+    assert [w for _, w in length_bucket_rows(torch.zeros(2, 5, dtype=torch.bool), 2)] == [1, 1]
+    assert [w for _, w in length_bucket_rows(torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]).bool(), 2)] == [1, 5]
+
+
+@pytest.mark.parametrize("share, full", [(False, False), (True, False), (False, True), (True, True)])
+def test_length_buckets_match_one_full_width_forward(tiny, ragged, share, full):
+    mask = ragged[3]
+    assert len(length_bucket_rows(mask, 3)) == 3, "the ragged batch must be bucketed: otherwise this test is vacuous"
+    seen: list[int] = []  # token positions through the embedding, per call
+    hook = tiny.model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(a[0].numel()))
+    try:
+        one = _run(tiny.model, ragged, share_prompts=share, full_logits=full, length_buckets=1)
+        n_one = sum(seen)
+        seen.clear()
+        three = _run(tiny.model, ragged, share_prompts=share, full_logits=full, length_buckets=3)
+        n_three = sum(seen)
+    finally:
+        hook.remove()
+    B, T = mask.shape
+    widths = sum(rows.numel() * w for rows, w in length_bucket_rows(mask, 3))
+    assert n_one - n_three == B * T - widths > 0  # exactly the skipped padding positions
+    for a, b in zip(one[:2], three[:2]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        assert torch.equal(b[~mask], torch.zeros_like(b[~mask]))
+    for (name, _), g1, g3 in zip(tiny.model.named_parameters(), one[2], three[2]):
+        assert torch.allclose(g1, g3, atol=1e-4, rtol=1e-4), name
+
+
+def test_length_buckets_reject_zero(tiny, ragged):
+    with pytest.raises(ValueError, match="length_buckets"):
+        sequence_logprobs(tiny.model, *ragged, length_buckets=0)

@@ -241,6 +241,8 @@ def _stack(cols: list[tuple[Tensor, ...]], B: int, device: torch.device) -> Samp
     return Sampled(token, alive, *(s.masked_fill(~alive, 0.0) for s in stats))
 
 
+DEFAULT_LENGTH_BUCKETS = 4  # sequence_logprobs: response-length buckets (padding after EOS skipped)
+
 # Model types whose causal-LM forward is exactly `logits = lm_head(trunk(...).last_hidden_state)` (no logit scaling
 # or soft-capping), so `sequence_logprobs` can run the trunk and the head separately; others take the full-logits path.
 HEAD_SPLIT_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "gpt2"})
@@ -277,7 +279,8 @@ def split_head(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module
 def sequence_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                       response_mask: Tensor, *, temperature: float = 1.0, with_entropy: bool = False,
                       share_prompts: bool = True, return_hidden: bool = False, full_logits: bool = False,
-                      chunk_logits: int = DEFAULT_CHUNK_LOGITS) -> tuple[Tensor, ...]:
+                      chunk_logits: int = DEFAULT_CHUNK_LOGITS,
+                      length_buckets: int = DEFAULT_LENGTH_BUCKETS) -> tuple[Tensor, ...]:
     """Log-probs [B, T] of the response tokens (and entropies [B, T] if asked): `(logp, entropy or None)`, plus the
     hidden states when `return_hidden`: `(logp, entropy, hidden)`.
 
@@ -300,31 +303,70 @@ def sequence_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: T
     float reassociation (~1e-6), gradients included (the cache's backward sums over the group), and
     (G - 1) / G fewer prompt tokens through the forward and backward. Falls back to one forward over
     prompt + response when no prompt repeats or the model's cache cannot be re-indexed.
+
+    `length_buckets`: the padding after each row's last valid token is not run through the model. Rows are sorted
+    by that length and split into up to `length_buckets` equal-count buckets, each run only up to its longest row
+    (after the one shared prompt pass); positions past a bucket's width get zeros (logp and entropy are 0 there
+    anyway; `hidden` is zero there). Causality makes this exact up to float reassociation: a valid token never
+    attends to a later position. Used when it removes at least 10% of the response positions; 1 disables it.
     """
+    if length_buckets < 1:
+        raise ValueError(f"length_buckets must be >= 1, got {length_buckets}")
     tau = scoring_temperature(temperature)
     split = None if full_logits else split_head(model)
     if split is None:
         logp, entropy, hidden = _full_logits_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask,
-                                                      tau, with_entropy, share_prompts, return_hidden)
+                                                      tau, with_entropy, share_prompts, return_hidden, length_buckets)
     else:
         trunk, head = split
-        hidden = _response_hidden(trunk, prompt_ids, prompt_mask, response_ids, share_prompts)  # [B, T, D]
+        hidden = _response_hidden(trunk, prompt_ids, prompt_mask, response_ids, response_mask, share_prompts,
+                                  length_buckets)  # [B, T, D]
         logp, entropy = head_logprobs(hidden, head, response_ids, response_mask, temperature=tau,
                                       with_entropy=with_entropy, chunk_logits=chunk_logits)
     return (logp, entropy, hidden) if return_hidden else (logp, entropy)
 
 
 def _response_hidden(trunk: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
-                     share_prompts: bool) -> Tensor:
+                     response_mask: Tensor, share_prompts: bool, length_buckets: int) -> Tensor:
     """Last hidden states [B, T, D] at the positions predicting each response token (prompt shared when it pays)."""
-    T = response_ids.shape[1]
-    hidden = _shared_prompt_states(trunk, prompt_ids, prompt_mask, response_ids, hidden=True) if share_prompts \
-        else None
+    buckets = length_bucket_rows(response_mask, length_buckets)
+    hidden = _shared_prompt_states(trunk, prompt_ids, prompt_mask, response_ids, buckets, hidden=True) \
+        if share_prompts else None
     if hidden is None:
-        ids, mask, positions = _joined(prompt_ids, prompt_mask, response_ids)
-        out = trunk(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-        hidden = out.last_hidden_state[:, -T - 1:-1]  # [B, T, D]: position P - 1 + t predicts response token t
+        parts = []
+        for rows, width in buckets:
+            ids, mask, positions = _joined(prompt_ids[rows], prompt_mask[rows], response_ids[rows, :width])
+            out = trunk(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            parts.append(out.last_hidden_state[:, -width - 1:-1])  # position P - 1 + t predicts response token t
+        hidden = _unbucket(parts, buckets, response_ids.shape[1])
     return hidden
+
+
+
+def length_bucket_rows(response_mask: Tensor, n_buckets: int, *, min_saving: float = 0.1) -> list[tuple[Tensor, int]]:
+    """Rows grouped for the forward: [(row indices, width)], width = the longest valid length in the group (at least
+    1). Rows sorted by the position after their last valid token, split into up to `n_buckets` equal-count groups;
+    one group of every row at full width when that saves less than `min_saving` of the positions."""
+    B, T = response_mask.shape
+    everything = [(torch.arange(B, device=response_mask.device), T)]
+    if n_buckets <= 1 or B < 2 or T == 0:
+        return everything
+    pos = torch.arange(1, T + 1, device=response_mask.device)
+    length = (response_mask * pos).amax(dim=1).clamp(min=1)  # [B] position after the last valid token
+    order = torch.argsort(length, stable=True)
+    buckets = [(rows, int(length[rows].max())) for rows in order.tensor_split(min(n_buckets, B)) if rows.numel()]
+    if sum(rows.numel() * width for rows, width in buckets) > (1 - min_saving) * B * T:
+        return everything
+    return buckets
+
+
+def _unbucket(parts: list[Tensor], buckets: list[tuple[Tensor, int]], T: int) -> Tensor:
+    """Per-bucket outputs [n_b, width_b, *] -> [B, T, *] in the original row order, zeros past each width."""
+    if len(parts) == 1 and buckets[0][1] == T:  # one bucket of every row in order (length_bucket_rows)
+        return parts[0]
+    padded = [torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[1])) for x in parts]
+    rows = torch.cat([r for r, _ in buckets])
+    return torch.cat(padded, dim=0)[torch.argsort(rows)]
 
 
 def _joined(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -336,18 +378,24 @@ def _joined(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor) -> tu
 
 def _full_logits_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                           response_mask: Tensor, tau: float, with_entropy: bool, share_prompts: bool,
-                          return_hidden: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                          return_hidden: bool, length_buckets: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The [B, T, V]-logits path (any causal LM): only the T needed logits rows, z[token] - logsumexp(z)."""
     T = response_ids.shape[1]
+    buckets = length_bucket_rows(response_mask, length_buckets)
     logits, hidden = None, None
     if share_prompts and not return_hidden:
-        logits = _shared_prompt_states(model, prompt_ids, prompt_mask, response_ids, hidden=False)
+        logits = _shared_prompt_states(model, prompt_ids, prompt_mask, response_ids, buckets, hidden=False)
     if logits is None:
-        ids, mask, positions = _joined(prompt_ids, prompt_mask, response_ids)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                    logits_to_keep=T + 1, output_hidden_states=return_hidden)
-        logits = out.logits[:, :-1]  # [B, T, V] predicts response token t
-        hidden = out.hidden_states[-1][:, -T - 1:-1] if return_hidden else None  # [B, T, D]
+        parts, hiddens = [], []
+        for rows, width in buckets:
+            ids, mask, positions = _joined(prompt_ids[rows], prompt_mask[rows], response_ids[rows, :width])
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                        logits_to_keep=width + 1, output_hidden_states=return_hidden)
+            parts.append(out.logits[:, :-1])  # [n_b, width, V] predicts response token t
+            if return_hidden:
+                hiddens.append(out.hidden_states[-1][:, -width - 1:-1])  # [n_b, width, D]
+        logits = _unbucket(parts, buckets, T)
+        hidden = _unbucket(hiddens, buckets, T) if return_hidden else None
     logits = logits.float()
     if tau != 1.0:
         logits = logits / tau
@@ -357,11 +405,12 @@ def _full_logits_logprobs(model: PreTrainedModel, prompt_ids: Tensor, prompt_mas
     return logp, entropy, hidden
 
 
-def _shared_prompt_states(module: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, *,
-                          hidden: bool) -> Tensor | None:
+def _shared_prompt_states(module: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                          buckets: list[tuple[Tensor, int]], *, hidden: bool) -> Tensor | None:
     """[B, T, *] outputs at the positions predicting each response token, each distinct prompt run once: the last
-    hidden states [B, T, D] of a trunk (`hidden=True`) or the logits [B, T, V] of a causal LM. None when no prompt
-    repeats or the cache cannot be re-indexed."""
+    hidden states [B, T, D] of a trunk (`hidden=True`) or the logits [B, T, V] of a causal LM. The responses run
+    on top of the prompts' KV cache in `buckets` (`length_bucket_rows`). None when no prompt repeats or the cache
+    cannot be re-indexed."""
     B, P = prompt_ids.shape
     T = response_ids.shape[1]
     if P == 0 or T == 0:
@@ -378,14 +427,35 @@ def _shared_prompt_states(module: torch.nn.Module, prompt_ids: Tensor, prompt_ma
     out = module(input_ids=prompt_ids[first], attention_mask=p_mask,
                  position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **last)
     cache = output_cache(out)
-    if not hasattr(cache, "batch_select_indices"):
+    if len(buckets) > 1:
+        caches = [_indexed_cache(cache, inverse[rows]) for rows, _ in buckets]
+        if any(c is None for c in caches):
+            return None
+    elif hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(inverse[buckets[0][0]])  # [U, ...] -> [B, ...]; differentiable indexing
+        caches = [cache]
+    else:
         return None
-    cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...]; differentiable indexing
-    mask = torch.cat([prompt_mask.long(), torch.ones_like(response_ids)], dim=1)  # [B, P + T]
-    positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T, device=prompt_ids.device)  # [B, T]
-    keep = {} if hidden else {"logits_to_keep": T}
-    resp = module(input_ids=response_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                  **{cache_kwarg(module): cache}, **keep)
     first_out = out.last_hidden_state[:, -1:] if hidden else out.logits  # [U, 1, *]: predicts response token 0
-    rest = resp.last_hidden_state if hidden else resp.logits  # [B, T, *]; position t predicts token t + 1
-    return torch.cat([first_out[inverse], rest[:, :-1]], dim=1)  # [B, T, *]
+    parts = []
+    for (rows, width), c in zip(buckets, caches):
+        mask = torch.cat([prompt_mask[rows].long(), torch.ones_like(response_ids[rows, :width])], dim=1)
+        positions = prompt_mask[rows].sum(-1, keepdim=True) + torch.arange(width, device=prompt_ids.device)
+        keep = {} if hidden else {"logits_to_keep": width}
+        resp = module(input_ids=response_ids[rows, :width], attention_mask=mask, position_ids=positions,
+                      use_cache=True, **{cache_kwarg(module): c}, **keep)
+        rest = resp.last_hidden_state if hidden else resp.logits  # [n_b, width, *]; position t predicts token t + 1
+        parts.append(torch.cat([first_out[inverse[rows]], rest[:, :-1]], dim=1))  # [n_b, width, *]
+    return _unbucket(parts, buckets, T)
+
+
+def _indexed_cache(cache: Any, index: Tensor) -> Any:
+    """A new DynamicCache holding rows `index` of `cache` (differentiable indexing), or None for other caches."""
+    try:
+        from transformers import DynamicCache
+
+        if type(cache) is not DynamicCache:
+            return None
+        return DynamicCache(ddp_cache_data=[(k[index], v[index], *rest) for k, v, *rest in cache])
+    except (ImportError, TypeError, ValueError):
+        return None
