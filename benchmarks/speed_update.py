@@ -6,8 +6,8 @@
 One batch of the vs_trl setting (8 one-digit `chain_sum` prompts × 4 samples × 40 new tokens, SmolLM2-135M-Instruct
 with its chat template) is sampled once; then, in one process, each variant runs once untimed and `--repeats`
 times timed (the minimum is printed):
-  update   `sequence_logprobs` forward + backward: one forward per row / shared prompts, each in fp32 and under bf16
-           autocast (fp32 weights);
+  update   `sequence_logprobs` forward + backward: one forward per row / shared prompts / shared prompts with the
+           response-length buckets (the default), each in fp32 and under bf16 autocast (fp32 weights);
   sample   `generate` for the same prompts: fp32, bf16 autocast, and a pure-bf16 copy of the model.
 Ratios within one run are what to compare; absolute seconds move with the machine's load.
 """
@@ -26,7 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from creditlab.policy import load_policy
-from creditlab.rollout.hf import SamplingConfig, generate, sequence_logprobs
+from creditlab.rollout.hf import (
+    DEFAULT_LENGTH_BUCKETS,
+    SamplingConfig,
+    generate,
+    length_bucket_rows,
+    sequence_logprobs,
+)
 from creditlab.tasks import get_task
 
 
@@ -58,23 +64,29 @@ def main() -> None:
     tensors = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
 
     if args.only in (None, "update"):
+        variants = [("one per row", False, 1), ("shared prompts", True, 1),
+                    ("shared prompts + length buckets", True, DEFAULT_LENGTH_BUCKETS)]
+        widths = sum(rows.numel() * w for rows, w in length_bucket_rows(batch.response_mask, DEFAULT_LENGTH_BUCKETS))
+        print(f"length buckets run {widths} of {batch.B * batch.T} response positions "
+              f"({int(batch.response_mask.sum())} valid)")
         for bf16 in (False, True):
-            for share in (False, True):
-                def step(share: bool = share, bf16: bool = bf16) -> None:
+            for label, share, buckets in variants:
+                def step(share: bool = share, bf16: bool = bf16, buckets: int = buckets) -> None:
                     policy.model.zero_grad(set_to_none=True)
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        logp, _ = sequence_logprobs(policy.model, *tensors, share_prompts=share)
+                        logp, _ = sequence_logprobs(policy.model, *tensors, share_prompts=share,
+                                                    length_buckets=buckets)
                     logp.sum().backward()
-                name = f"update {'bf16 autocast' if bf16 else 'fp32'}, {'shared prompts' if share else 'one per row'}"
-                print(f"{name:<45} {best_of(step, args.repeats):7.2f} s", flush=True)
+                name = f"update {'bf16 autocast' if bf16 else 'fp32'}, {label}"
+                print(f"{name:<52} {best_of(step, args.repeats):7.2f} s", flush=True)
     if args.only in (None, "sample"):
         for bf16 in (False, True):
             s = dataclasses.replace(cfg, bf16=bf16)
             t = best_of(lambda s=s: generate(policy, prompts, 4, s, seed=0), args.repeats)
-            print(f"{'sample ' + ('bf16 autocast' if bf16 else 'fp32'):<45} {t:7.2f} s", flush=True)
+            print(f"{'sample ' + ('bf16 autocast' if bf16 else 'fp32'):<52} {t:7.2f} s", flush=True)
         shadow = dataclasses.replace(policy, model=copy.deepcopy(policy.model).to(torch.bfloat16))
         t = best_of(lambda: generate(shadow, prompts, 4, dataclasses.replace(cfg, bf16=False), seed=0), args.repeats)
-        print(f"{'sample pure-bf16 model copy':<45} {t:7.2f} s", flush=True)
+        print(f"{'sample pure-bf16 model copy':<52} {t:7.2f} s", flush=True)
 
 
 if __name__ == "__main__":

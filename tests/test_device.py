@@ -34,11 +34,28 @@ def test_auto_bf16_needs_native_units_and_a_large_model(monkeypatch):
     assert dev.resolve_bf16(False, "cpu", 135_000_000) is False
 
 
+def test_a_onednn_isa_cap_below_bf16_means_no_native_bf16(monkeypatch):
+    monkeypatch.setattr(dev, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for cap, native in [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", False), ("AVX2_VNNI_2", False),
+                        ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True), ("ALL", True), (" ", True)]:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert dev.native_bf16("cpu") is native, cap
+        assert dev.resolve_bf16(None, "cpu", 135_000_000) is native, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # oneDNN's older name for the same cap
+    assert dev.onednn_isa_cap() == "AVX2" and not dev.native_bf16("cpu")
+    monkeypatch.setattr(dev, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "ALL")  # a cap never adds units the CPU lacks
+    assert not dev.native_bf16("cpu")
+
+
 def test_cpu_info_names_the_model_and_bf16_flags():
     info = dev.cpu_info()
     assert info["model"] and info["cores"] >= 1
     assert set(info["flags"]) <= set(dev.REPORTED_FLAGS)
-    assert info["native_bf16"] == any(f in dev.cpu_flags() for f in dev.BF16_CPU_FLAGS)
+    assert info["native_bf16"] == dev.native_bf16("cpu")
+    assert "onednn_max_isa" in info
     assert dev.describe("cpu").startswith("cpu: ")
 
 
