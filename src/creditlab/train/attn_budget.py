@@ -232,13 +232,17 @@ class BudgetComponent(Component):
 
 
 def _positions(batch: RolloutBatch, idx: Tensor) -> int:
-    """Token positions the policy forward of rows `idx` runs: each distinct (padded) prompt once + every padded
-    response (rollout.hf.sequence_logprobs with shared prompts)."""
+    """Token positions the policy forward of rows `idx` runs: each distinct (padded) prompt once + each response
+    up to its length bucket's width (rollout.hf.sequence_logprobs with shared prompts and its default buckets)."""
+    from creditlab.rollout.hf import DEFAULT_LENGTH_BUCKETS, length_bucket_rows
+
+    responses = sum(rows.numel() * width for rows, width in
+                    length_bucket_rows(batch.response_mask[idx], DEFAULT_LENGTH_BUCKETS))
     if batch.prompt_ids is None or batch.prompt_mask is None:
-        return len(idx) * batch.response_ids.shape[1]
+        return responses
     keyed = torch.where(batch.prompt_mask[idx], batch.prompt_ids[idx], -1)
     distinct = int(torch.unique(keyed, dim=0).shape[0]) if keyed.numel() else 0
-    return distinct * keyed.shape[1] + len(idx) * batch.response_ids.shape[1]
+    return distinct * keyed.shape[1] + responses
 
 
 def budget_component(cfg: Any, spec: Any, policy: Any, task: Any) -> Component | None:
