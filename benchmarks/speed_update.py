@@ -1,11 +1,11 @@
 """Where the vs_trl speed-up comes from: one SmolLM2 batch, timed through each path of the update and the sampler.
 
     python benchmarks/speed_update.py --threads 1            # update paths, then sampling paths (~6 min)
-    python benchmarks/speed_update.py --only update
+    python benchmarks/speed_update.py --only update --precision fp32 --repeats 4
 
 One batch of the vs_trl setting (8 one-digit `chain_sum` prompts × 4 samples × 40 new tokens, SmolLM2-135M-Instruct
-with its chat template) is sampled once; then, in one process, each variant runs once untimed and `--repeats`
-times timed (the minimum is printed):
+with its chat template) is sampled once; then, in one process, each variant runs once untimed and then `--repeats`
+rounds time every variant once in turn (the minimum and every time are printed):
   update   `sequence_logprobs` forward + backward: one forward per row / shared prompts / shared prompts with the
            response-length buckets (the default), each in fp32 and under bf16 autocast (fp32 weights);
   sample   `generate` for the same prompts: fp32, bf16 autocast, and a pure-bf16 copy of the model.
@@ -36,14 +36,22 @@ from creditlab.rollout.hf import (
 from creditlab.tasks import get_task
 
 
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Each function once untimed, then `repeats` rounds timing each once in turn (load drift hits all alike)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def report(times: dict[str, list[float]]) -> None:
+    for name, ts in times.items():
+        print(f"{name:<52} {min(ts):7.2f} s  (min of {', '.join(f'{t:.2f}' for t in ts)})", flush=True)
 
 
 def main() -> None:
@@ -51,7 +59,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--only", choices=["update", "sample"], default=None)
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     args = p.parse_args()
+    precisions = {"fp32": (False,), "bf16": (True,), "both": (False, True)}[args.precision]
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = load_policy("smollm2")
@@ -69,7 +79,8 @@ def main() -> None:
         widths = sum(rows.numel() * w for rows, w in length_bucket_rows(batch.response_mask, DEFAULT_LENGTH_BUCKETS))
         print(f"length buckets run {widths} of {batch.B * batch.T} response positions "
               f"({int(batch.response_mask.sum())} valid)")
-        for bf16 in (False, True):
+        for bf16 in precisions:
+            fns = {}
             for label, share, buckets in variants:
                 def step(share: bool = share, bf16: bool = bf16, buckets: int = buckets) -> None:
                     policy.model.zero_grad(set_to_none=True)
@@ -77,16 +88,18 @@ def main() -> None:
                         logp, _ = sequence_logprobs(policy.model, *tensors, share_prompts=share,
                                                     length_buckets=buckets)
                     logp.sum().backward()
-                name = f"update {'bf16 autocast' if bf16 else 'fp32'}, {label}"
-                print(f"{name:<52} {best_of(step, args.repeats):7.2f} s", flush=True)
+                fns[f"update {'bf16 autocast' if bf16 else 'fp32'}, {label}"] = step
+            report(round_robin(fns, args.repeats))
     if args.only in (None, "sample"):
-        for bf16 in (False, True):
+        fns = {}
+        for bf16 in precisions:
             s = dataclasses.replace(cfg, bf16=bf16)
-            t = best_of(lambda s=s: generate(policy, prompts, 4, s, seed=0), args.repeats)
-            print(f"{'sample ' + ('bf16 autocast' if bf16 else 'fp32'):<52} {t:7.2f} s", flush=True)
-        shadow = dataclasses.replace(policy, model=copy.deepcopy(policy.model).to(torch.bfloat16))
-        t = best_of(lambda: generate(shadow, prompts, 4, dataclasses.replace(cfg, bf16=False), seed=0), args.repeats)
-        print(f"{'sample pure-bf16 model copy':<52} {t:7.2f} s", flush=True)
+            fns[f"sample {'bf16 autocast' if bf16 else 'fp32'}"] = lambda s=s: generate(policy, prompts, 4, s, seed=0)
+        if True in precisions:
+            shadow = dataclasses.replace(policy, model=copy.deepcopy(policy.model).to(torch.bfloat16))
+            fns["sample pure-bf16 model copy"] = lambda: generate(shadow, prompts, 4, dataclasses.replace(
+                cfg, bf16=False), seed=0)
+        report(round_robin(fns, args.repeats))
 
 
 if __name__ == "__main__":
