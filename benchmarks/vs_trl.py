@@ -70,6 +70,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 import creditlab.train.loop as loop
+from creditlab.bench.learning import environment
 from creditlab.bench.memory import PeakMemory
 from creditlab.device import describe, device_info, native_bf16, resolve_device
 from creditlab.policy import Policy, load_policy
@@ -489,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             "eval_problems": eval_problems, "warmup_steps": args.warmup, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "trl": trl.__version__,
             "transformers": __import__("transformers").__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "where": describe(device), "environment": device_info(device)}
+            "machine": platform.machine(), "where": describe(device), "environment": device_info(device),
+            **{k: v for k, v in environment(args.device).items() if k in ("git_commit", "git_dirty")}}
     report: dict[str, Any] = {"meta": meta, "pairs": {}}
     tables, profile_text = [], None
     try:
