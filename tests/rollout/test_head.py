@@ -175,3 +175,21 @@ def test_length_buckets_match_one_full_width_forward(tiny, ragged, share, full):
 def test_length_buckets_reject_zero(tiny, ragged):
     with pytest.raises(ValueError, match="length_buckets"):
         sequence_logprobs(tiny.model, *ragged, length_buckets=0)
+
+
+def test_length_buckets_fall_back_to_one_shared_bucket_for_other_caches(tiny, ragged, monkeypatch):
+    import creditlab.rollout.hf as hf
+
+    with torch.no_grad():
+        want, _ = sequence_logprobs(tiny.model, *ragged, length_buckets=1)
+        monkeypatch.setattr(hf, "_indexed_cache", lambda cache, index: None)  # a cache that cannot be copied
+        seen: list[int] = []
+        hook = tiny.model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(a[0].numel()))
+        try:
+            got, _ = sequence_logprobs(tiny.model, *ragged, length_buckets=3)
+        finally:
+            hook.remove()
+    prompt_ids, prompt_mask, response_ids, _ = ragged
+    distinct = torch.unique(torch.where(prompt_mask, prompt_ids, -1), dim=0).shape[0]
+    assert seen == [distinct * prompt_ids.shape[1], response_ids.numel()]  # prompts still shared, full width
+    assert torch.allclose(got, want, atol=1e-6)

@@ -342,7 +342,6 @@ def _response_hidden(trunk: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Te
     return hidden
 
 
-
 def length_bucket_rows(response_mask: Tensor, n_buckets: int, *, min_saving: float = 0.1) -> list[tuple[Tensor, int]]:
     """Rows grouped for the forward: [(row indices, width)], width = the longest valid length in the group (at least
     1). Rows sorted by the position after their last valid token, split into up to `n_buckets` equal-count groups;
@@ -427,15 +426,13 @@ def _shared_prompt_states(module: torch.nn.Module, prompt_ids: Tensor, prompt_ma
     out = module(input_ids=prompt_ids[first], attention_mask=p_mask,
                  position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **last)
     cache = output_cache(out)
-    if len(buckets) > 1:
-        caches = [_indexed_cache(cache, inverse[rows]) for rows, _ in buckets]
-        if any(c is None for c in caches):
+    caches = [_indexed_cache(cache, inverse[rows]) for rows, _ in buckets] if len(buckets) > 1 else [None]
+    if any(c is None for c in caches):  # one full-width bucket on the cache itself (other cache types included)
+        if not hasattr(cache, "batch_select_indices"):
             return None
-    elif hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(inverse[buckets[0][0]])  # [U, ...] -> [B, ...]; differentiable indexing
+        buckets = [(torch.arange(B, device=prompt_ids.device), T)]
+        cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...]; differentiable indexing
         caches = [cache]
-    else:
-        return None
     first_out = out.last_hidden_state[:, -1:] if hidden else out.logits  # [U, 1, *]: predicts response token 0
     parts = []
     for (rows, width), c in zip(buckets, caches):
