@@ -29,6 +29,7 @@ from creditlab.policy import load_policy
 from creditlab.rollout.hf import (
     DEFAULT_LENGTH_BUCKETS,
     SamplingConfig,
+    bucketed_positions,
     generate,
     length_bucket_rows,
     sequence_logprobs,
@@ -76,7 +77,7 @@ def main() -> None:
     if args.only in (None, "update"):
         variants = [("one per row", False, 1), ("shared prompts", True, 1),
                     ("shared prompts + length buckets", True, DEFAULT_LENGTH_BUCKETS)]
-        widths = sum(rows.numel() * w for rows, w in length_bucket_rows(batch.response_mask, DEFAULT_LENGTH_BUCKETS))
+        widths = bucketed_positions(length_bucket_rows(batch.response_mask, DEFAULT_LENGTH_BUCKETS))
         print(f"length buckets run {widths} of {batch.B * batch.T} response positions "
               f"({int(batch.response_mask.sum())} valid)")
         for bf16 in precisions:

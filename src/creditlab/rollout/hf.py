@@ -354,9 +354,14 @@ def length_bucket_rows(response_mask: Tensor, n_buckets: int, *, min_saving: flo
     length = (response_mask * pos).amax(dim=1).clamp(min=1)  # [B] position after the last valid token
     order = torch.argsort(length, stable=True)
     buckets = [(rows, int(length[rows].max())) for rows in order.tensor_split(min(n_buckets, B)) if rows.numel()]
-    if sum(rows.numel() * width for rows, width in buckets) > (1 - min_saving) * B * T:
+    if bucketed_positions(buckets) > (1 - min_saving) * B * T:
         return everything
     return buckets
+
+
+def bucketed_positions(buckets: list[tuple[Tensor, int]]) -> int:
+    """Response positions a bucketed forward runs: sum over buckets of rows x width."""
+    return sum(rows.numel() * width for rows, width in buckets)
 
 
 def _unbucket(parts: list[Tensor], buckets: list[tuple[Tensor, int]], T: int) -> Tensor:

@@ -234,10 +234,9 @@ class BudgetComponent(Component):
 def _positions(batch: RolloutBatch, idx: Tensor) -> int:
     """Token positions the policy forward of rows `idx` runs: each distinct (padded) prompt once + each response
     up to its length bucket's width (rollout.hf.sequence_logprobs with shared prompts and its default buckets)."""
-    from creditlab.rollout.hf import DEFAULT_LENGTH_BUCKETS, length_bucket_rows
+    from creditlab.rollout.hf import DEFAULT_LENGTH_BUCKETS, bucketed_positions, length_bucket_rows
 
-    responses = sum(rows.numel() * width for rows, width in
-                    length_bucket_rows(batch.response_mask[idx], DEFAULT_LENGTH_BUCKETS))
+    responses = bucketed_positions(length_bucket_rows(batch.response_mask[idx], DEFAULT_LENGTH_BUCKETS))
     if batch.prompt_ids is None or batch.prompt_mask is None:
         return responses
     keyed = torch.where(batch.prompt_mask[idx], batch.prompt_ids[idx], -1)
