@@ -16,6 +16,7 @@ import numpy as np
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 LINESTYLES = ("-", "--", "-.", ":")
 Spread = Literal["std", "sem", "minmax"]
+XScale = Literal["auto", "linear", "symlog"]
 
 Run = tuple[Sequence[float], Sequence[float]]  # one seed: x values [N], y values [N]
 
@@ -70,15 +71,38 @@ def _spread(ys: np.ndarray, spread: Spread) -> tuple[np.ndarray, np.ndarray, np.
     return mean, mean - half, mean + half
 
 
+def x_scale(curves: Mapping[str, Sequence[Run]], xscale: XScale = "auto") -> tuple[str, float | None]:
+    """The x axis for `plot_curves`: ("linear", None) or ("symlog", linthresh).
+
+    "auto" is symlog when one method's longest run reaches more than 10x as far as another's (e.g. Monte-Carlo
+    continuations counted as samples beside plain GRPO), so that the short curves are not squeezed against the
+    y axis; linear below linthresh (the smallest positive x, so x = 0 stays on the plot), logarithmic above.
+    """
+    if xscale not in ("auto", "linear", "symlog"):
+        raise ValueError(f"xscale must be 'auto', 'linear' or 'symlog', got {xscale!r}")
+    ends = [max(float(np.max(x)) for x, _ in runs) for runs in curves.values() if runs]
+    positive = [float(v) for runs in curves.values() for x, _ in runs for v in np.asarray(x, dtype=float) if v > 0]
+    if xscale == "linear" or not positive:
+        return "linear", None
+    if xscale == "auto" and not (min(ends) > 0 and max(ends) > 10 * min(ends)):
+        return "linear", None
+    return "symlog", min(positive)
+
+
 def plot_curves(curves: Mapping[str, Sequence[Run]], out: str | Path, *, title: str = "",
                 xlabel: str = "samples", ylabel: str = "accuracy", spread: Spread = "std",
-                ylim: tuple[float, float] | None = None, size: tuple[float, float] = (6.4, 4.2)) -> Path:
+                ylim: tuple[float, float] | None = None, size: tuple[float, float] = (6.4, 4.2),
+                xscale: XScale = "auto") -> Path:
     """Mean-over-seeds lines with a shaded band per method; writes a PNG to `out` and returns its path.
 
     curves: method label -> list of seeds, each an (x, y) pair (e.g. samples seen, eval accuracy).
     spread: the band: mean ± "std" (default), mean ± "sem", or the seeds' "minmax".
+    xscale: "linear", "symlog", or "auto" (symlog when the methods' x ranges differ by more than 10x; `x_scale`).
+    More than 8 methods put the legend beside the axes instead of over the curves.
     """
-    fig, ax = _figure(size)
+    scale, linthresh = x_scale(curves, xscale)
+    outside = len(curves) > 8
+    fig, ax = _figure((size[0] + 2.4, size[1]) if outside else size)
     for i, (label, runs) in enumerate(curves.items()):
         x, ys = align_seeds(runs)
         mean, low, high = _spread(ys, spread)
@@ -92,9 +116,15 @@ def plot_curves(curves: Mapping[str, Sequence[Run]], out: str | Path, *, title: 
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.set_title(title + (f"  (band: {spread})" if title else ""))
+    if scale == "symlog":
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlabel(xlabel + " (log scale)")
     ax.grid(alpha=0.3)
     if curves:
-        ax.legend(frameon=False, fontsize="small")
+        if outside:
+            ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+        else:
+            ax.legend(frameon=False, fontsize="small")
     return _save(fig, out)
 
 
