@@ -80,13 +80,17 @@ def x_scale(curves: Mapping[str, Sequence[Run]], xscale: XScale = "auto") -> tup
     """
     if xscale not in ("auto", "linear", "symlog"):
         raise ValueError(f"xscale must be 'auto', 'linear' or 'symlog', got {xscale!r}")
-    ends = [max(float(np.max(x)) for x, _ in runs) for runs in curves.values() if runs]
-    positive = [float(v) for runs in curves.values() for x, _ in runs for v in np.asarray(x, dtype=float) if v > 0]
-    if xscale == "linear" or not positive:
+    if xscale == "linear":
         return "linear", None
+    xs = [np.asarray(x, dtype=float) for runs in curves.values() for x, _ in runs]
+    every_x = np.concatenate(xs) if xs else np.empty(0)
+    positive = every_x[every_x > 0]
+    if positive.size == 0:
+        return "linear", None
+    ends = [max(float(np.max(x)) for x, _ in runs) for runs in curves.values() if runs]
     if xscale == "auto" and not (min(ends) > 0 and max(ends) > 10 * min(ends)):
         return "linear", None
-    return "symlog", min(positive)
+    return "symlog", float(positive.min())
 
 
 def plot_curves(curves: Mapping[str, Sequence[Run]], out: str | Path, *, title: str = "",
@@ -111,20 +115,17 @@ def plot_curves(curves: Mapping[str, Sequence[Run]], out: str | Path, *, title: 
                 linewidth=1.8, label=f"{label} (n={ys.shape[0]})")
         if ys.shape[0] > 1:
             ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
-    ax.set_xlabel(xlabel)
+    if scale == "symlog":
+        ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlabel(xlabel + (" (log scale)" if scale == "symlog" else ""))
     ax.set_ylabel(ylabel)
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.set_title(title + (f"  (band: {spread})" if title else ""))
-    if scale == "symlog":
-        ax.set_xscale("symlog", linthresh=linthresh)
-        ax.set_xlabel(xlabel + " (log scale)")
     ax.grid(alpha=0.3)
     if curves:
-        if outside:
-            ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
-        else:
-            ax.legend(frameon=False, fontsize="small")
+        beside = {"loc": "center left", "bbox_to_anchor": (1.0, 0.5)} if outside else {}
+        ax.legend(frameon=False, fontsize="small", **beside)
     return _save(fig, out)
 
 
