@@ -5,6 +5,7 @@
     .venv-trl/bin/python benchmarks/vs_trl.py --precision fp32 --steps 3   # only the fp32 pair
     .venv-trl/bin/python benchmarks/vs_trl.py --tiny --steps 1      # smoke mode: tiny policy, tiny sizes (~30 s)
     .venv-trl/bin/python benchmarks/vs_trl.py --profile             # + cProfile of one creditlab step
+    .venv-trl/bin/python benchmarks/vs_trl.py --steps 15 --eval-every 5   # + accuracy at steps 5 and 10
 
 Needs TRL (run it from .venv-trl: `make .venv-trl/.installed`; creditlab is installed there editable).
 
@@ -15,7 +16,8 @@ weights and fp32 AdamW; default: both pairs where the device multiplies bf16 nat
      run after a machine boots is several times slower; this also warms torch's kernels for both sides);
   2. creditlab: `train(cfg)` (the `creditlab train` entry point) for `--steps` steps, GRPO, from the initial policy;
   3. TRL: `GRPOTrainer.train()` for `--steps` steps from a fresh copy of the same initial policy;
-  4. held-out greedy accuracy of both trained policies with creditlab's `evaluate()` on the same problems.
+  4. held-out greedy accuracy of both trained policies with creditlab's `evaluate()` on the same problems (and,
+     with `--eval-every N`, of both policies every N steps on the way: a learning curve for each side).
 Each step's peak resident memory is measured on both sides the same way (`creditlab.bench.memory.PeakMemory`
 around creditlab's `rl_step` and between TRL's `on_step_begin`/`on_step_end`), and the record names the CPU
 (`lscpu` model, bf16 flags) it ran on.
@@ -127,6 +129,7 @@ class Result:
     reward_mean: list[float] = field(default_factory=list)  # per step, training samples
     final_accuracy: float = float("nan")
     initial_accuracy: float | None = None
+    accuracy_at: dict[int, float] = field(default_factory=dict)  # step -> held-out accuracy (0 and the end included)
     wall_s: float = 0.0  # the whole train call: setup, evaluation, checkpoints included
     peak_mb: list[float] = field(default_factory=list)  # per step: peak resident memory (MiB)
     delta_mb: list[float] = field(default_factory=list)  # per step: peak minus resident memory at the step's start
@@ -155,6 +158,7 @@ def load(sizes: Sizes, seed: int) -> Policy:
 
 def train_config(args: argparse.Namespace, sizes: Sizes, pair: Pair, *, steps: int, out_dir: Path,
                  eval_problems: int) -> TrainConfig:
+    eval_every = getattr(args, "eval_every", 0) or 10**9  # default: only at the start and the end
     return TrainConfig(
         run=RunConfig(task=TASK, task_kwargs=json.dumps(TASK_KWARGS), policy=sizes.policy, estimator="grpo",
                       estimator_kwargs=json.dumps({"eps": GRPO_EPS}), out_dir=str(out_dir), seed=args.seed,
@@ -163,7 +167,7 @@ def train_config(args: argparse.Namespace, sizes: Sizes, pair: Pair, *, steps: i
                               top_p=1.0, max_new_tokens=sizes.max_new_tokens, bf16=pair.bf16),
         optim=OptimConfig(lr=args.lr, weight_decay=0.0, ppo_epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28,
                           loss_agg="token-mean", kl_coef=0.0, max_grad_norm=1.0, update_bf16=pair.update_bf16),
-        eval=EvalConfig(eval_every=10**9, eval_problems=eval_problems),  # only at the start and the end
+        eval=EvalConfig(eval_every=eval_every, eval_problems=eval_problems),
         log=LogConfig(checkpoint_every=10**9, tensorboard=False, progress=False, sample_every=0),
     )
 
@@ -201,6 +205,7 @@ def run_creditlab(cfg: TrainConfig) -> Result:
                   step_s=[r["time/step"] for r in steps], rollout_s=[r["time/rollout"] for r in steps],
                   update_s=[r["time/update"] for r in steps], reward_mean=[r["reward/mean"] for r in steps],
                   final_accuracy=summary["final_accuracy"], initial_accuracy=summary["initial_accuracy"], wall_s=wall,
+                  accuracy_at={r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r},
                   peak_mb=[m.peak_mb for m in memory], delta_mb=[m.delta_mb for m in memory],
                   notes={"sampling": "bf16 autocast, fp32 master weights" if cfg.rollout.bf16 else "fp32",
                          "update": "bf16 autocast, fp32 master weights and AdamW" if cfg.optim.update_bf16 else "fp32",
@@ -217,7 +222,7 @@ def trl_prompt(policy: Policy, text: str) -> Any:
 
 
 def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy: Policy, task: Any,
-                     problems: list[Problem], out_dir: Path) -> Any:
+                     problems: list[Problem], out_dir: Path, held_out: list[Problem] | None = None) -> Any:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -237,6 +242,23 @@ def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy:
         def on_step_end(self, *a: Any, **k: Any) -> None:
             self.step_s.append(time.perf_counter() - self._t0)
             self.memory[-1].__exit__(None, None, None)
+
+    class MidEval(TrainerCallback):
+        """Held-out accuracy every `--eval-every` steps (after StepTimer has stopped the step's clock); the end
+        of training is evaluated by `run_pair`, as creditlab's last evaluation is part of `train`."""
+
+        def __init__(self) -> None:
+            self.accuracy_at: dict[int, float] = {}
+
+        def on_step_end(self, cb_args: Any, state: Any, control: Any, model: Any = None, **k: Any) -> None:
+            every = getattr(args, "eval_every", 0)
+            if not (every and held_out and state.global_step % every == 0 and state.global_step < state.max_steps):
+                return
+            was_training = model.training
+            self.accuracy_at[state.global_step] = loop.evaluate(
+                Policy(model=model, tokenizer=policy.tokenizer, name="trl"), task, held_out,
+                max_new_tokens=sizes.max_new_tokens)
+            model.train(was_training)
 
     class TimedGRPOTrainer(GRPOTrainer):
         """GRPOTrainer that records how long each generation (`_generate`: sampling + decode) takes."""
@@ -267,18 +289,19 @@ def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy:
         logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, log_completions=False,
     )
-    timer = StepTimer()
+    timer, mid_eval = StepTimer(), MidEval()
     trainer = TimedGRPOTrainer(model=policy.model, reward_funcs=reward, args=config, train_dataset=dataset,
-                               processing_class=policy.tokenizer, callbacks=[timer])
+                               processing_class=policy.tokenizer, callbacks=[timer, mid_eval])  # timer first
     trainer.rollout_s = []
     trainer.step_timer = timer
+    trainer.mid_eval = mid_eval
     return trainer
 
 
 def run_trl(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy: Policy, task: Any, problems: list[Problem],
-            out_dir: Path) -> tuple[Result, Any]:
+            out_dir: Path, held_out: list[Problem] | None = None) -> tuple[Result, Any]:
     t0 = time.perf_counter()
-    trainer = make_trl_trainer(args, sizes, pair, policy, task, problems, out_dir)
+    trainer = make_trl_trainer(args, sizes, pair, policy, task, problems, out_dir, held_out)
     trainer.train()
     wall = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "reward" in h]
@@ -286,6 +309,7 @@ def run_trl(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy: Policy, 
     result = Result(framework="trl", steps=steps, samples=steps * sizes.prompts * sizes.group,
                     step_s=list(trainer.step_timer.step_s), rollout_s=list(trainer.rollout_s),
                     reward_mean=[float(h["reward"]) for h in logs], wall_s=wall,
+                    accuracy_at=dict(trainer.mid_eval.accuracy_at),
                     peak_mb=[m.peak_mb for m in trainer.step_timer.memory],
                     delta_mb=[m.delta_mb for m in trainer.step_timer.memory],
                     notes={"optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
@@ -379,6 +403,12 @@ def markdown(cl: Result, tr: Result, ratio: float, meta: dict[str, Any], pair: P
         f"creditlab / TRL samples/s: **{ratio:.2f}×**; peak memory per step {peak_ratio:.2f}× TRL's; accuracy "
         f"creditlab {cl.final_accuracy:.3f} vs TRL {tr.final_accuracy:.3f}.",
     ]
+    if len(cl.accuracy_at) > 2 or len(tr.accuracy_at) > 2:  # --eval-every: the two learning curves
+        steps = sorted(set(cl.accuracy_at) | set(tr.accuracy_at))
+        cell = lambda r, s: f"{r.accuracy_at[s]:.3f}" if s in r.accuracy_at else "—"  # noqa: E731
+        lines += ["", "| held-out accuracy at step | " + " | ".join(map(str, steps)) + " |",
+                  "|---|" + "---:|" * len(steps),
+                  *(f"| {r.framework} | " + " | ".join(cell(r, s) for s in steps) + " |" for r in (cl, tr))]
     return "\n".join(lines)
 
 
@@ -401,6 +431,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="TRL's GRPOConfig default gradient_checkpointing=True")
     p.add_argument("--eval-problems", type=int, default=None, help="held-out problems (default 128; tiny: 4)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate both policies every N steps (untimed; 0: only at the start and the end)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps of each framework (0: none)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--tiny", action="store_true", help="smoke mode: tiny policy (no chat template), tiny sizes")
@@ -414,6 +446,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.eval_every < 0:
+        p.error("--eval-every must be >= 0")
     return args
 
 
@@ -456,11 +490,13 @@ def run_pair(args: argparse.Namespace, sizes: Sizes, pair: Pair, work: Path, eva
     gc.collect()
     log(f"[{pair.name}] TRL: GRPOTrainer.train() for {args.steps} steps")
     policy = load_policy(sizes.policy, seed=args.seed, device=device)  # the same initial weights
-    tr, trainer = run_trl(args, sizes, pair, policy, task, trl_problems, work / "trl")
+    tr, trainer = run_trl(args, sizes, pair, policy, task, trl_problems, work / "trl", held_out)
     model = trainer.accelerator.unwrap_model(trainer.model)
     tr.final_accuracy = loop.evaluate(Policy(model=model, tokenizer=policy.tokenizer, name="trl"), task, held_out,
                                       max_new_tokens=sizes.max_new_tokens)
     tr.initial_accuracy = cl.initial_accuracy  # same initial policy, same held-out problems
+    tr.accuracy_at = {0: tr.initial_accuracy, **tr.accuracy_at, tr.steps: tr.final_accuracy} \
+        if tr.initial_accuracy is not None else {**tr.accuracy_at, tr.steps: tr.final_accuracy}
     log(f"[{pair.name}] TRL: {tr.samples_per_s:.2f} samples/s, accuracy {tr.final_accuracy:.3f}")
     del trainer, model, policy
     shutil.rmtree(work / "trl", ignore_errors=True)
@@ -487,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             "group": sizes.group, "max_new_tokens": sizes.max_new_tokens, "lr": args.lr, "steps": args.steps,
             "seed": args.seed, "temperature": args.temperature,
             "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
-            "eval_problems": eval_problems, "warmup_steps": args.warmup, "threads": torch.get_num_threads(),
+            "eval_problems": eval_problems, "eval_every": args.eval_every,
+            "warmup_steps": args.warmup, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "trl": trl.__version__,
             "transformers": __import__("transformers").__version__, "python": platform.python_version(),
             "machine": platform.machine(), "where": describe(device), "environment": device_info(device),

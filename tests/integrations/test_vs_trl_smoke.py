@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/vs_trl.py: the --tiny mode for one step, in the TRL environment (`.venv-trl`).
+"""Smoke test of benchmarks/vs_trl.py: the --tiny mode for two steps, in the TRL environment (`.venv-trl`).
 
 Skips cleanly where trl (or reasoning-gym, which the benchmark's chain_sum task needs) is not installed.
 """
@@ -19,9 +19,10 @@ pytest.importorskip("reasoning_gym", reason="reasoning-gym is not installed (the
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vs_trl.py"
 
 
-def test_tiny_one_step_writes_a_complete_report(tmp_path):
+def test_tiny_two_steps_write_a_complete_report(tmp_path):
     out = tmp_path / "vs_trl.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--warmup", "0", "--threads", "1",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "2", "--eval-every", "1", "--warmup", "0",
+                           "--threads", "1",
                            "--precision", "fp32", "--device", "cpu", "--profile", "--profile-top", "5",
                            "--out", str(out), "--work-dir", str(tmp_path / "w")],
                           capture_output=True, text=True, timeout=600)
@@ -30,15 +31,20 @@ def test_tiny_one_step_writes_a_complete_report(tmp_path):
     assert report["prompt_format"]["match"]  # TRL and creditlab feed the model the same prompt tokens
     for name in ("creditlab", "trl"):
         r = report[name]
-        assert r["steps"] == 1 and r["samples"] == 4  # tiny: 2 prompts x 2 samples
-        assert len(r["step_s"]) == 1 and len(r["rollout_s"]) == 1
+        assert r["steps"] == 2 and r["samples"] == 8  # tiny: 2 prompts x 2 samples per step
+        assert len(r["step_s"]) == 2 and len(r["rollout_s"]) == 2
         assert math.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0
         assert 0.0 <= r["final_accuracy"] <= 1.0
-        assert len(r["peak_mb"]) == 1 and r["peak_mb"][0] > 0  # each step's peak memory, measured the same way
+        assert len(r["peak_mb"]) == 2 and min(r["peak_mb"]) > 0  # each step's peak memory, measured the same way
+        # --eval-every 1: both learning curves at steps 0, 1, 2 (JSON keys are strings), ending at the final accuracy
+        assert sorted(r["accuracy_at"], key=int) == ["0", "1", "2"], r["accuracy_at"]
+        assert r["accuracy_at"]["2"] == r["final_accuracy"]
+        assert r["accuracy_at"]["0"] == report["creditlab"]["initial_accuracy"]
     assert list(report["pairs"]) == ["fp32"] and report["pairs"]["fp32"]["precision"]["trl_bf16"] is False
     assert report["meta"]["environment"]["cpu"]["model"]  # the record names the CPU
     assert report["creditlab"]["initial_accuracy"] is not None
     assert math.isfinite(report["ratio_samples_per_s"]) and report["ratio_samples_per_s"] > 0
     assert "rl_step" in report["profile"]  # the profiled call is creditlab's step
-    assert "| creditlab |" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "| creditlab |" in md and "| held-out accuracy at step | 0 | 1 | 2 |" in md
     assert "samples/s" in proc.stdout
