@@ -158,7 +158,7 @@ def load(sizes: Sizes, seed: int) -> Policy:
 
 def train_config(args: argparse.Namespace, sizes: Sizes, pair: Pair, *, steps: int, out_dir: Path,
                  eval_problems: int) -> TrainConfig:
-    eval_every = getattr(args, "eval_every", 0) or 10**9  # default: only at the start and the end
+    eval_every = args.eval_every or 10**9  # 0 (default): only at the start and the end
     return TrainConfig(
         run=RunConfig(task=TASK, task_kwargs=json.dumps(TASK_KWARGS), policy=sizes.policy, estimator="grpo",
                       estimator_kwargs=json.dumps({"eps": GRPO_EPS}), out_dir=str(out_dir), seed=args.seed,
@@ -251,7 +251,7 @@ def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy:
             self.accuracy_at: dict[int, float] = {}
 
         def on_step_end(self, cb_args: Any, state: Any, control: Any, model: Any = None, **k: Any) -> None:
-            every = getattr(args, "eval_every", 0)
+            every = args.eval_every
             if not (every and held_out and state.global_step % every == 0 and state.global_step < state.max_steps):
                 return
             was_training = model.training
@@ -495,8 +495,8 @@ def run_pair(args: argparse.Namespace, sizes: Sizes, pair: Pair, work: Path, eva
     tr.final_accuracy = loop.evaluate(Policy(model=model, tokenizer=policy.tokenizer, name="trl"), task, held_out,
                                       max_new_tokens=sizes.max_new_tokens)
     tr.initial_accuracy = cl.initial_accuracy  # same initial policy, same held-out problems
-    tr.accuracy_at = {0: tr.initial_accuracy, **tr.accuracy_at, tr.steps: tr.final_accuracy} \
-        if tr.initial_accuracy is not None else {**tr.accuracy_at, tr.steps: tr.final_accuracy}
+    start = {} if tr.initial_accuracy is None else {0: tr.initial_accuracy}
+    tr.accuracy_at = {**start, **tr.accuracy_at, tr.steps: tr.final_accuracy}
     log(f"[{pair.name}] TRL: {tr.samples_per_s:.2f} samples/s, accuracy {tr.final_accuracy:.3f}")
     del trainer, model, policy
     shutil.rmtree(work / "trl", ignore_errors=True)
