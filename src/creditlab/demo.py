@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from creditlab.device import describe, device_info
 from creditlab.policy import Policy, load_policy
 from creditlab.rollout.hf import SamplingConfig, generate
 from creditlab.tasks import Problem, get_task
@@ -138,4 +139,7 @@ def run_demo(out_root: str = "runs/demo", seed: int = 0, other: str = "tempo", *
               f"{before:>7} -> {after:<7}  {r['run_dir']}")
     print(f"(warm-started policy: {root / 'sft-tiny'}; `creditlab inspect <run directory>` shows where the credit "
           "went)")
+    kernels = device_info("cpu")["cpu"]["torch_capability"]
+    print(f"(measured on {describe('cpu')}, torch kernels {kernels}: the numbers depend on the thread count and on "
+          "the kernels' vector width, AVX2 or AVX-512)")
     return results

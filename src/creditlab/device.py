@@ -9,7 +9,9 @@ SmolLM2 update under autocast ran >= 7x slower than fp32 (issue 18), while CPUs 
 `ATEN_CPU_CAPABILITY=avx2` for ATen's own kernels) reproduces an AVX2-only CPU on a newer one and counts as no native
 bf16. `auto` therefore turns bf16 on when the device has native bf16 *and* the
 policy is large enough for its matmuls to dominate (>= `BF16_MIN_PARAMS`); the 0.4 M-parameter `tiny` policy stays
-fp32 everywhere, so its tests, demo and benchmark numbers do not depend on the CPU's instruction set.
+fp32 everywhere, so its tests, demo and benchmark numbers do not depend on whether the CPU has bf16 units (they
+still depend on the kernels' vector width: `make demo` prints other numbers on an AVX2-only CPU than on an
+AVX-512 one).
 
 `cpu_info()` is what benchmark records store (model name, the bf16-relevant flags, core count) so that a number
 says on which CPU it was measured.

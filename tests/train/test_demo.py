@@ -13,3 +13,4 @@ def test_demo_pipeline_runs_and_prints_before_after(tmp_path, capsys):
         assert 0.0 <= r["initial_accuracy"] <= 1.0 and 0.0 <= r["final_accuracy"] <= 1.0 and r["steps"] == 1
         assert r["run_dir"] in out
     assert "answer-line slips" in out and "before" in out and "after" in out
+    assert "(measured on cpu: " in out and "1 torch threads, torch kernels " in out  # which numbers to compare with
