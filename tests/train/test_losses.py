@@ -46,7 +46,7 @@ def _one(logp, old, adv, **kw):
     lp = t(logp).requires_grad_(True)
     loss, metrics = ppo_clip_loss(lp, t(old), t(adv), torch.ones(1, 1, dtype=torch.bool), **kw)
     loss.backward()
-    return float(loss), float(lp.grad), metrics
+    return float(loss.detach()), float(lp.grad), metrics
 
 
 def test_ppo_unclipped_gradient_is_minus_advantage():
