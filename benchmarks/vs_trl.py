@@ -221,6 +221,12 @@ def trl_prompt(policy: Policy, text: str) -> Any:
     return policy.format_prompt(text)
 
 
+def trl_accuracy(model: Any, tokenizer: Any, task: Any, held_out: list[Problem], sizes: Sizes) -> float:
+    """Held-out greedy accuracy of TRL's model with creditlab's `evaluate()` (the same evaluation both sides get)."""
+    return loop.evaluate(Policy(model=model, tokenizer=tokenizer, name="trl"), task, held_out,
+                         max_new_tokens=sizes.max_new_tokens)
+
+
 def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy: Policy, task: Any,
                      problems: list[Problem], out_dir: Path, held_out: list[Problem] | None = None) -> Any:
     from datasets import Dataset
@@ -255,9 +261,7 @@ def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy:
             if not (every and held_out and state.global_step % every == 0 and state.global_step < state.max_steps):
                 return
             was_training = model.training
-            self.accuracy_at[state.global_step] = loop.evaluate(
-                Policy(model=model, tokenizer=policy.tokenizer, name="trl"), task, held_out,
-                max_new_tokens=sizes.max_new_tokens)
+            self.accuracy_at[state.global_step] = trl_accuracy(model, policy.tokenizer, task, held_out, sizes)
             model.train(was_training)
 
     class TimedGRPOTrainer(GRPOTrainer):
@@ -492,8 +496,7 @@ def run_pair(args: argparse.Namespace, sizes: Sizes, pair: Pair, work: Path, eva
     policy = load_policy(sizes.policy, seed=args.seed, device=device)  # the same initial weights
     tr, trainer = run_trl(args, sizes, pair, policy, task, trl_problems, work / "trl", held_out)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    tr.final_accuracy = loop.evaluate(Policy(model=model, tokenizer=policy.tokenizer, name="trl"), task, held_out,
-                                      max_new_tokens=sizes.max_new_tokens)
+    tr.final_accuracy = trl_accuracy(model, policy.tokenizer, task, held_out, sizes)
     tr.initial_accuracy = cl.initial_accuracy  # same initial policy, same held-out problems
     start = {} if tr.initial_accuracy is None else {0: tr.initial_accuracy}
     tr.accuracy_at = {**start, **tr.accuracy_at, tr.steps: tr.final_accuracy}
