@@ -228,3 +228,55 @@ def test_sampling_with_compaction_matches_the_scored_logprobs(eos_prone):
         logp, _ = sequence_logprobs(p.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
                                     batch.response_mask)
     assert torch.allclose(logp, batch.logprobs, atol=1e-4)  # every row's tokens and signals stay in place
+
+
+def _sampling_z_scores(policy: Policy, batch, probs_fn, min_expected: float = 10.0) -> torch.Tensor:
+    """z-scores of the sampled tokens' counts against the probabilities `probs_fn(logits)` says they were drawn from.
+
+    For every prompt, response position t and token v: observed = #rows whose token t is v; expected = the sum over
+    the rows alive at t of p(v | that row's prefix). Each row's draw at t is independent given its prefix, so
+    (observed - expected) / sqrt(sum p (1 - p)) is ~N(0, 1) when the sampler draws from p (a martingale CLT; the
+    prefixes are themselves sampled). The probabilities come from one plain forward over prompt + response, not
+    from the sampler's KV cache. Only (t, v) cells with at least `min_expected` expected draws are kept."""
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
+    mask = torch.cat([batch.prompt_mask.long(), torch.ones_like(batch.response_ids)], dim=1)
+    with torch.no_grad():
+        logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                              use_cache=False).logits.float()
+    T = batch.response_ids.shape[1]
+    p = probs_fn(logits[:, -T - 1:-1])  # [B, T, V]: the distribution of response token t given its prefix
+    alive = batch.response_mask.float()[..., None]  # [B, T, 1]
+    observed = torch.nn.functional.one_hot(batch.response_ids, p.shape[-1]).float() * alive
+    zs = []
+    for g in batch.group_ids.unique():
+        rows = batch.group_ids == g
+        exp_ = (p[rows] * alive[rows]).sum(0)  # [T, V]
+        var = (p[rows] * (1 - p[rows]) * alive[rows]).sum(0)
+        keep = exp_ >= min_expected
+        zs.append(((observed[rows].sum(0) - exp_) / var.clamp_min(1e-12).sqrt())[keep])
+    return torch.cat(zs)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampler_draws_from_the_models_distribution(eos_prone, temperature, top_p):
+    """4 prompts x 1500 samples x 4 tokens: every well-populated (prompt, position, token) count is within 5 standard
+    deviations of what softmax(logits / temperature) (after the top-p filter) predicts; drawing from another
+    temperature is caught by the same statistic (the test can fail)."""
+    cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=4)
+    prompts = [eos_prone.format_prompt(q) for q in [*QUESTIONS, "9*9="]]
+    batch = generate(eos_prone, prompts, 1500, cfg, seed=11)
+
+    def model_probs(tau: float):
+        def probs(logits: torch.Tensor) -> torch.Tensor:
+            q = torch.softmax(logits / tau, dim=-1)
+            if top_p < 1.0:
+                q = _top_p_filter(q, top_p)
+                q = q / q.sum(-1, keepdim=True)
+            return q
+        return probs
+
+    z = _sampling_z_scores(eos_prone, batch, model_probs(temperature))
+    assert z.numel() >= 40, "too few well-populated cells: the check says little"
+    assert float(z.abs().max()) < 5.0, sorted(z.abs().tolist())[-5:]
+    wrong = _sampling_z_scores(eos_prone, batch, model_probs(temperature * 1.25))
+    assert float(wrong.abs().max()) > 8.0  # a sampler 25 % off in temperature would fail the check above
