@@ -282,6 +282,11 @@ def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy:
     reward.__name__ = f"{TASK}_score"
     dataset = Dataset.from_dict({"prompt": [trl_prompt(policy, p.prompt) for p in problems],
                                  "row": list(range(len(problems)))})
+    # transformers 5 renamed gradient_checkpointing (TRL's default True) to activation_checkpointing: set the new
+    # name where it exists, so that the old one is not read (and warned about)
+    name = "activation_checkpointing" if "activation_checkpointing" in GRPOConfig.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    checkpointing = {name: args.trl_gradient_checkpointing}
     config = GRPOConfig(
         output_dir=str(out_dir), use_cpu=resolve_device(args.device).type == "cpu", seed=args.seed,
         per_device_train_batch_size=sizes.prompts * sizes.group, num_generations=sizes.group,
@@ -289,7 +294,7 @@ def make_trl_trainer(args: argparse.Namespace, sizes: Sizes, pair: Pair, policy:
         max_completion_length=sizes.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", scale_rewards="group",
-        shuffle_dataset=False, bf16=pair.trl_bf16, fp16=False, gradient_checkpointing=args.trl_gradient_checkpointing,
+        shuffle_dataset=False, bf16=pair.trl_bf16, fp16=False, **checkpointing,
         logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, log_completions=False,
     )
