@@ -20,3 +20,19 @@ def test_paired_differences_match_seeds_and_summarise():
     assert all(math.isclose(a, b) for a, b in zip(d.diffs, (0.1, 0.0, 0.2)))
     assert math.isclose(d.mean, 0.1) and math.isclose(d.std, 0.1)  # diffs 0.1, 0, 0.2: sample std 0.1
     assert d.wins == (2, 1, 0) and d.sign_p == 0.5  # two positive, no negative: 2 * 1/4
+
+
+def test_standard_error_and_t_interval_by_hand():
+    from creditlab.bench.stats import t_quantile_975
+
+    # diffs 0.1, -0.1, 0.3: mean 0.1, sample std 0.2, se 0.2 / sqrt(3) = 0.11547; t(0.975, 2) = 4.303 (table)
+    d = paired_differences({0: 0.1, 1: -0.1, 2: 0.3}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert math.isclose(d.se, 0.2 / math.sqrt(3))
+    lo, hi = d.ci95
+    assert math.isclose(lo, 0.1 - 4.303 * 0.11547005, rel_tol=1e-6) and math.isclose(hi, 0.1 + 4.303 * 0.11547005,
+                                                                                      rel_tol=1e-6)
+    # beyond the table: t(0.975, 40) = 2.0211, t(0.975, 120) = 1.9799 (standard table); the expansion is within 1e-3
+    assert abs(t_quantile_975(40) - 2.0211) < 1e-3 and abs(t_quantile_975(120) - 1.9799) < 1e-3
+    assert abs(t_quantile_975(31) - 2.0395) < 1e-3  # continues the table smoothly
+    one = paired_differences({0: 0.5}, {0: 0.4})
+    assert math.isnan(one.se) and all(math.isnan(x) for x in one.ci95)

@@ -65,3 +65,22 @@ def test_missing_pair_and_unreadable_file_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{not json")
     assert m.main([str(tmp_path / "bad.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_all_pairs_pool_at_each_records_last_evaluation(tmp_path, capsys):
+    m = load()
+    short = record(0, 2.0, {0: 0.1, 5: 0.5}, {0: 0.1, 5: 0.25}, steps=5)  # fp32, last step 5: +0.25
+    short["pairs"]["bf16"] = record(0, 3.0, {0: 0.1, 5: 0.25}, {0: 0.1, 5: 0.5}, steps=5)["pairs"]["fp32"]  # -0.25
+    long = record(1, 4.0, {0: 0.2, 5: 0.2, 15: 0.7}, {0: 0.2, 5: 0.3, 15: 0.6}, steps=15)  # last step 15: +0.1
+    paths = [tmp_path / "short.json", tmp_path / "long.json"]
+    for path, rec in zip(paths, [short, long]):
+        path.write_text(json.dumps(rec))
+    assert m.main(["--pair", "all", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "| 0 (fp32) |" in out and "| 0 (bf16) |" in out and "| 1 (fp32) |" in out
+    assert "samples/s ratio over 3 rows: 3.000 ± 1.000" in out  # ratios 2, 3, 4
+    # last evaluations +0.25, -0.25, +0.1: mean 0.0333, sample std 0.2566, se 0.1481; t(0.975, 2) = 4.303 -> half
+    # width 0.6375: [-0.604, +0.671]; ahead 2, behind 1: sign test p = 1.0
+    assert ("creditlab − TRL at each record's last evaluation, 3 pairs: +0.033 ± 0.257 (standard error 0.148; "
+            "95 % t-interval of the mean [-0.604, +0.671]); ahead / level / behind 2 / 0 / 1; "
+            "sign test p = 1.00") in out
