@@ -134,3 +134,21 @@ def test_committed_results_rebuild_the_report_and_skip_finished_runs(tmp_path, c
             "--results", str(results)]
     assert main(only) == 0 and "| grpo |" not in (results / "report.md").read_text()
     assert main([*fresh, "--report-only"]) == 0 and "| grpo | - | 1 |" in (results / "report.md").read_text()
+
+
+def test_paired_table_by_hand():
+    from creditlab.bench.learning import format_paired
+
+    def runs(finals, curves):
+        return [{"seed": i, "final": f, "accuracy": c} for i, (f, c) in enumerate(zip(finals, curves))]
+
+    per_est = {"grpo": runs([0.5, 0.6, 0.7], [[0.1, 0.3, 0.5], [0.1, 0.4, 0.6], [0.1, 0.5, 0.7]]),
+               "rloo": runs([0.6, 0.5, 1.0], [[0.1, 0.3, 0.6], [0.1, 0.4, 0.5], [0.1, 0.5, 1.0]])}
+    table = format_paired(per_est)
+    # final diffs +0.1, -0.1, +0.3: mean +0.1, sample std 0.2, se 0.11547, t(0.975, 2) = 4.303 -> [-0.397, +0.597];
+    # 2 up, 1 down: sign p 1.00. Curve means (evaluations after step 0): grpo 0.4, 0.5, 0.6; rloo 0.45, 0.45, 0.75
+    # -> diffs +0.05, -0.05, +0.15: mean +0.05, std 0.1
+    assert "| rloo | 3 | +0.100, -0.100, +0.300 | +0.100 ± 0.200 | [-0.397, +0.597] | 2/0/1 | 1.00 | " \
+           "+0.050 ± 0.100 | 2/0/1 | 1.00 |" in table, table
+    one = format_paired({"grpo": runs([0.5], [[0.1, 0.5]]), "rloo": runs([0.6], [[0.1, 0.6]])})
+    assert "| rloo | 1 | +0.100 | +0.100 ± — | — | 1/0/0 | 1.00 | +0.100 ± — |" in one, one  # one seed: no NaN

@@ -524,8 +524,8 @@ def format_paired(per_est: dict[str, list[dict]], baseline: str = "grpo") -> str
     if baseline not in per_est or len(per_est) < 2:
         return ""
     base = {s["seed"]: s for s in per_est[baseline]}
-    lines = [f"| estimator − {baseline} | seeds | final acc: per-seed diffs | mean ± std | +/0/− | sign p | "
-             "mean acc: mean ± std | +/0/− | sign p |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| estimator − {baseline} | seeds | final acc: per-seed diffs | mean ± std | 95% t-interval | +/0/− | "
+             "sign p | mean acc: mean ± std | +/0/− | sign p |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for e, seeds in per_est.items():
         if e == baseline:
             continue
@@ -535,9 +535,12 @@ def format_paired(per_est: dict[str, list[dict]], baseline: str = "grpo") -> str
                                  {k: curve_mean(v) for k, v in base.items()})
         if not fin.n:
             continue
+        lo, hi = fin.ci95
+        interval = f"[{lo:+.3f}, {hi:+.3f}]" if fin.n > 1 else "—"  # one seed: no spread, no interval
+        sd = (lambda d: f"{d.std:.3f}" if d.n > 1 else "—")  # noqa: E731
         lines.append(f"| {e} | {fin.n} | {', '.join(f'{d:+.3f}' for d in fin.diffs)} | {fin.mean:+.3f} ± "
-                     f"{fin.std:.3f} | {'/'.join(map(str, fin.wins))} | {fin.sign_p:.2f} | {auc.mean:+.3f} ± "
-                     f"{auc.std:.3f} | {'/'.join(map(str, auc.wins))} | {auc.sign_p:.2f} |")
+                     f"{sd(fin)} | {interval} | {'/'.join(map(str, fin.wins))} | {fin.sign_p:.2f} | "
+                     f"{auc.mean:+.3f} ± {sd(auc)} | {'/'.join(map(str, auc.wins))} | {auc.sign_p:.2f} |")
     return "\n".join(lines)
 
 
@@ -572,8 +575,12 @@ def format_report(summary: dict[str, dict[str, list[dict]]], p: Preset, env: dic
               "the mean of a run's held-out accuracies after step 0 (area under its learning curve). samples to "
               "target: generated responses (extra Monte-Carlo/judge samples included) at the first evaluation "
               "reaching the target, mean over the seeds that reached it (k/n reached); resolution is one evaluation "
-              "interval. Paired: per-seed differences estimator − grpo; +/0/− counts seeds; sign p: exact two-sided "
-              "sign test (with 3 seeds it cannot go below 0.25, so 3 seeds show a direction, never significance). "
+              "interval. Paired: per-seed differences estimator − grpo; 95% t-interval: of the mean difference "
+              "(Student t, n − 1 degrees of freedom; with 3 seeds it spans ±2.5 std: what the seeds cannot rule "
+              "out; it assumes normal differences, which 3 seeds cannot check, and with k estimators compared to "
+              "grpo about k/20 intervals miss 0 by chance alone); +/0/− counts seeds; sign p: exact two-sided "
+              "sign test (with 3 seeds it cannot go below "
+              "0.25, so 3 seeds show a direction, never significance). "
               "train s: summed time/step (rollout + signals + credit + update incl. critic/continuation work, no "
               "evaluation); wall s: the whole run incl. evaluations and checkpoints, summed over the attempts that "
               "completed (an interrupted attempt's time is lost; 0 when the run was finished before this benchmark "
