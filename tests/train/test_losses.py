@@ -11,11 +11,12 @@ M = torch.tensor([[True, True, False, False], [True, True, True, True]])
 
 def test_aggregation_modes_hand_case():
     ones = torch.ones(2, 4)
-    assert float(aggregate(ones, M, "seq-mean-token-sum-norm", norm_constant=8)) == pytest.approx(6 / 8)
+    # Dr. GRPO / verl: each response's token sum over the constant, then the mean over responses: (2/8 + 4/8) / 2
+    assert float(aggregate(ones, M, "seq-mean-token-sum-norm", norm_constant=8)) == pytest.approx(6 / 16)
     assert float(aggregate(L, M, "token-mean")) == pytest.approx(21 / 6)
     assert float(aggregate(L, M, "seq-mean-token-sum")) == pytest.approx((3 + 18) / 2)
     assert float(aggregate(L, M, "seq-mean-token-mean")) == pytest.approx((1.5 + 4.5) / 2)
-    assert float(aggregate(L, M, "seq-mean-token-sum-norm", norm_constant=8)) == pytest.approx(21 / 8)
+    assert float(aggregate(L, M, "seq-mean-token-sum-norm", norm_constant=8)) == pytest.approx((3 / 8 + 18 / 8) / 2)
 
 
 def test_aggregation_ignores_padding_values_and_empty_rows():

@@ -17,10 +17,10 @@ def test_micro_weights_recombine_every_aggregation_by_hand():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
     loss = torch.arange(16, dtype=torch.float64).reshape(4, 4)
     parts = [torch.tensor([0, 2]), torch.tensor([1, 3])]
-    # token-mean: 3 and 3 valid tokens -> 1/2 each; seq modes: 1 and 2 non-empty rows -> 1/3, 2/3; norm: 1, 1
+    # token-mean: 3 and 3 valid tokens -> 1/2 each; seq modes (sum-norm included): 1 and 2 non-empty rows -> 1/3, 2/3
     assert micro_weights(mask, parts, "token-mean") == [0.5, 0.5]
     assert micro_weights(mask, parts, "seq-mean-token-mean") == pytest.approx([1 / 3, 2 / 3])
-    assert micro_weights(mask, parts, "seq-mean-token-sum-norm") == [1.0, 1.0]
+    assert micro_weights(mask, parts, "seq-mean-token-sum-norm") == pytest.approx([1 / 3, 2 / 3])
     for mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         whole = aggregate(loss, mask, mode, norm_constant=4.0)
         w = micro_weights(mask, parts, mode)

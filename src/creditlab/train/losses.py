@@ -21,11 +21,9 @@ AGG_MODES: tuple[str, ...] = AggMode.__args__  # type: ignore[attr-defined]
 
 def micro_weights(mask: Tensor, parts: Sequence[Tensor], mode: AggMode = "token-mean") -> list[float]:
     """Weights w_j with aggregate(L, mask[M]) == sum_j w_j aggregate(L[p_j], mask[p_j]) for row index sets p_j
-    that partition a minibatch M: its share of valid tokens (token-mean), of responses with a valid token (the
-    seq-mean modes), or 1 (seq-mean-token-sum-norm: a sum over a fixed constant). Gradient accumulation over
-    micro-batches with these weights gives the minibatch's gradient exactly (up to float summation order)."""
-    if mode == "seq-mean-token-sum-norm":
-        return [1.0] * len(parts)
+    that partition a minibatch M: its share of valid tokens (token-mean) or of responses with a valid token (the
+    seq-mean modes). Gradient accumulation over micro-batches with these weights gives the minibatch's gradient
+    exactly (up to float summation order)."""
     if mode == "token-mean":
         counts = [float(mask[p].sum()) for p in parts]
     else:
@@ -41,12 +39,14 @@ def aggregate(loss_mat: Tensor, mask: Tensor, mode: AggMode = "token-mean", *,
     token-mean:              sum_{b,t} l m / sum_{b,t} m  (verl default; each token weighs the same)
     seq-mean-token-sum:      mean over responses of sum_t l m
     seq-mean-token-mean:     mean over responses of (sum_t l m / sum_t m)  (the GRPO paper's 1/|o_i|)
-    seq-mean-token-sum-norm: sum_{b,t} l m / C with an explicit constant C (Dr. GRPO; e.g. C = the maximum
-                             response length. verl's default C drifts with each micro-batch's padded length;
-                             here C is required so it cannot drift). For the paper's exact objective,
-                             which also averages over the G responses, pass C = G * max_len.
-    Responses with no valid token are left out of the sequence means. No valid token at all gives 0
-    (still attached to the graph, so backward() works).
+    seq-mean-token-sum-norm: mean over responses of (sum_t l m) / C with an explicit constant C (Dr. GRPO: its
+                             reference, oat's `masked_sum(..., constant_normalizer=generate_max_length)` then
+                             `.mean()` over rows, and verl's `agg_loss`; C = the maximum response length.
+                             verl's default C is each micro-batch's padded length, which drifts; here C is
+                             required so it cannot).
+    Responses with no valid token are left out of the sequence means (oat's mean also counts a minibatch's
+    token-less rows; a sampled response always has at least one token). No valid token at all gives 0 (still
+    attached to the graph, so backward() works).
     """
     m = mask.to(loss_mat.dtype)
     masked = loss_mat * m
@@ -56,10 +56,11 @@ def aggregate(loss_mat: Tensor, mask: Tensor, mode: AggMode = "token-mean", *,
         if norm_constant is None or norm_constant <= 0:
             raise ValueError("aggregation 'seq-mean-token-sum-norm' needs a positive norm_constant "
                              f"(e.g. the maximum response length), got {norm_constant}")
-        return masked.sum() / norm_constant
     lengths = m.sum(-1)  # [B]
     has_tokens = (lengths > 0).to(loss_mat.dtype)
-    if mode == "seq-mean-token-sum":
+    if mode == "seq-mean-token-sum-norm":
+        per_seq = masked.sum(-1) / norm_constant
+    elif mode == "seq-mean-token-sum":
         per_seq = masked.sum(-1)
     elif mode == "seq-mean-token-mean":
         per_seq = masked.sum(-1) / lengths.clamp_min(1.0)
