@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from creditlab.bench.stats import paired_differences
+from creditlab.bench.stats import Paired, paired_differences
 from creditlab.device import device_info, resolve_device
 from creditlab.train.config import EvalConfig, LogConfig, OptimConfig, RolloutConfig, RunConfig, TrainConfig
 
@@ -537,11 +537,14 @@ def format_paired(per_est: dict[str, list[dict]], baseline: str = "grpo") -> str
             continue
         lo, hi = fin.ci95
         interval = f"[{lo:+.3f}, {hi:+.3f}]" if fin.n > 1 else "—"  # one seed: no spread, no interval
-        sd = (lambda d: f"{d.std:.3f}" if d.n > 1 else "—")  # noqa: E731
         lines.append(f"| {e} | {fin.n} | {', '.join(f'{d:+.3f}' for d in fin.diffs)} | {fin.mean:+.3f} ± "
-                     f"{sd(fin)} | {interval} | {'/'.join(map(str, fin.wins))} | {fin.sign_p:.2f} | "
-                     f"{auc.mean:+.3f} ± {sd(auc)} | {'/'.join(map(str, auc.wins))} | {auc.sign_p:.2f} |")
+                     f"{_sd(fin)} | {interval} | {'/'.join(map(str, fin.wins))} | {fin.sign_p:.2f} | "
+                     f"{auc.mean:+.3f} ± {_sd(auc)} | {'/'.join(map(str, auc.wins))} | {auc.sign_p:.2f} |")
     return "\n".join(lines)
+
+
+def _sd(d: Paired) -> str:
+    return f"{d.std:.3f}" if d.n > 1 else "—"  # one seed has no spread
 
 
 def format_report(summary: dict[str, dict[str, list[dict]]], p: Preset, env: dict[str, Any],
@@ -579,8 +582,7 @@ def format_report(summary: dict[str, dict[str, list[dict]]], p: Preset, env: dic
               "(Student t, n − 1 degrees of freedom; with 3 seeds it spans ±2.5 std: what the seeds cannot rule "
               "out; it assumes normal differences, which 3 seeds cannot check, and with k estimators compared to "
               "grpo about k/20 intervals miss 0 by chance alone); +/0/− counts seeds; sign p: exact two-sided "
-              "sign test (with 3 seeds it cannot go below "
-              "0.25, so 3 seeds show a direction, never significance). "
+              "sign test (with 3 seeds it cannot go below 0.25, so 3 seeds show a direction, never significance). "
               "train s: summed time/step (rollout + signals + credit + update incl. critic/continuation work, no "
               "evaluation); wall s: the whole run incl. evaluations and checkpoints, summed over the attempts that "
               "completed (an interrupted attempt's time is lost; 0 when the run was finished before this benchmark "
