@@ -44,10 +44,9 @@ $(STAMP_TRL): pyproject.toml Makefile requirements/trl.lock.txt
 	touch $(STAMP_TRL)
 
 # --runslow: the integration suites' slow tests (two-process torchrun, the real verl training step) run in CI.
+# Globs, so that a new test file of either suite runs without editing this list (test_trl_multiturn.py was missed).
 test-trl: $(STAMP_TRL)
-	$(VENV_TRL)/bin/python -m pytest -q --runslow tests/integrations/test_trl.py \
-		tests/integrations/test_trl_estimators.py tests/integrations/test_trl_multiprocess.py \
-		tests/integrations/test_vs_trl_smoke.py
+	$(VENV_TRL)/bin/python -m pytest -q --runslow tests/integrations/test_trl*.py tests/integrations/test_vs_trl*.py
 
 $(STAMP_VERL): pyproject.toml Makefile requirements/verl.lock.txt
 	$(PYTHON) -m venv $(VENV_VERL)
@@ -59,8 +58,7 @@ $(STAMP_VERL): pyproject.toml Makefile requirements/verl.lock.txt
 # creditlab's verl tests run in their own pytest process: verl's own TestRegisterAdvEst clears verl's estimator
 # registry without restoring it, which would unregister every creditlab_* estimator (docs/integrations.md).
 test-verl: $(STAMP_VERL)
-	$(VENV_VERL)/bin/python -m pytest -q --runslow tests/integrations/test_verl.py \
-		tests/integrations/test_verl_training_step.py
+	$(VENV_VERL)/bin/python -m pytest -q --runslow tests/integrations/test_verl*.py
 
 # Rewrite the three locks from the installed environments (after moving a pin with pip install -U in one of them).
 lock: $(STAMP) $(STAMP_TRL) $(STAMP_VERL)
